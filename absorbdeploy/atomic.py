@@ -1,0 +1,87 @@
+"""All-or-nothing output directories: everything is written to `DIR.tmp/` and renamed to `DIR/` only when complete.
+
+A run that fails or is interrupted leaves no `DIR/`. A stale `DIR.tmp/` from a killed run is reported (it carries a marker
+file with the pid that wrote it) and replaced only when that process is gone, so two runs never share a staging folder.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from absorbdeploy.errors import UserError
+
+MARKER = ".absorbdeploy-staging"
+
+
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Bad-input checks on the output path, before any work starts; nothing is created here."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is a file; choose another --out")
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it or choose another --out")
+    parent = out.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing}: permission denied; choose another --out")
+    staging = staging_path(out)
+    if staging.exists():
+        owner = _owner(staging)
+        if owner is not None and _alive(owner):
+            raise UserError(f"{staging} is in use by a running absorbdeploy (pid {owner}); wait for it or choose another --out")
+
+
+def staging_path(out: Path) -> Path:
+    return out.with_name(out.name + ".tmp")
+
+
+def _owner(staging: Path) -> int | None:
+    try:
+        return int((staging / MARKER).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Staging:
+    """Context manager: yields DIR.tmp; on success `commit()` renames it to DIR; on any exit without commit, removes it."""
+
+    def __init__(self, out: Path, overwrite: bool):
+        self.out, self.overwrite = Path(out), overwrite
+        self.path = staging_path(self.out)
+        self.stale_removed = False
+        self.committed = False
+
+    def __enter__(self) -> "Staging":
+        check_destination(self.out, self.overwrite)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+            self.stale_removed = True
+        self.path.mkdir(parents=True)
+        (self.path / MARKER).write_text(str(os.getpid()))
+        return self
+
+    def commit(self) -> None:
+        (self.path / MARKER).unlink()
+        if self.out.exists():
+            if not self.overwrite:
+                raise UserError(f"output directory {self.out} appeared while running; the result is kept in {self.path}")
+            shutil.rmtree(self.out)
+        os.replace(self.path, self.out)
+        self.committed = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""The `absorbdeploy` command (Typer). Exit codes: 0 all gates pass, 1 a validation gate failed, 2 bad input or usage.
+
+Nothing heavy is imported at module level: `--help` and every bad-input error return without torch, transformers, onnx
+or vllm (tests/unit/test_cli_lean.py checks it). Flags only override the recipe, whose dataclasses hold every default.
+"""
+
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from absorbdeploy.errors import UserError
+
+app = typer.Typer(
+    name="absorbdeploy",
+    help="Prune a Hugging Face causal LM with absorption-aware layer-wise sparsity, export it to vLLM, compressed "
+    "safetensors and ONNX, and verify every export in its own runtime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelArg = Annotated[Optional[str], typer.Argument(help="local HF directory, .gguf file, hub id in the offline cache, or builtin:tiny-llama; omitted = embedded SmolLM2-135M-Instruct")]
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="packaged recipe name or YAML path (see list-recipes)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override one recipe key, e.g. --set prune.sparsity=0.6 (repeatable)")]
+
+
+def _recipe(recipe_name, model, sets, **flags):
+    from absorbdeploy import recipe as rc
+
+    recipe, origin = rc.resolve(recipe_name)
+    if model is not None:
+        recipe = dataclasses.replace(recipe, model=model)
+    mapping = {"formats": "export.formats", "device": "device", "text": "calibration.text", "eval_text": "validate.text",
+               "seed": "calibration.seed"}
+    for flag, key in mapping.items():
+        value = flags.get(flag)
+        if value is not None:
+            if flag == "formats":
+                value = "[" + ",".join(f.strip() for f in value.split(",") if f.strip()) + "]"
+            recipe = rc.override(recipe, f"{key}={value}")
+    for assignment in sets or []:
+        recipe = rc.override(recipe, assignment)
+    rc.check(recipe)
+    return recipe, origin
+
+
+@app.command("prune-and-export")
+def prune_and_export(
+    model: ModelArg = None,
+    recipe: RecipeOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (written as DIR.tmp, renamed when complete)")] = Path("runs/default"),
+    set_: SetOpt = None,
+    formats: Annotated[Optional[str], typer.Option("--formats", help="comma-separated: vllm,compressed-safetensors,onnx (default: all installed)")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="calibration text file (default: protocol pydoc-v1)")] = None,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="evaluation text file (default: the held-out 20 % of the calibration text)")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="calibration.seed")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="allow the model's own Python code to run (off by default)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
+):
+    """Load -> calibrate -> allocate (+ absorption) -> prune -> export -> validate -> report."""
+    r, origin = _recipe(recipe, model, set_, formats=formats, device=device, text=_s(text), eval_text=_s(eval_text), seed=seed)
+    from absorbdeploy import pipeline
+    from absorbdeploy.progress import Progress
+
+    plan = pipeline.preflight(r, out, overwrite, trust_remote_code, origin)
+    progress = Progress(len(pipeline.STAGES), quiet=quiet)
+    signal.signal(signal.SIGTERM, _terminate)
+    report = pipeline.run(plan, progress)
+    _finish(report, progress.console)
+
+
+def _s(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the staging context, which removes DIR.tmp
+
+
+def _finish(report: dict, console) -> None:
+    from absorbdeploy.render import print_summary
+
+    print_summary(report, console)
+    out = report["output"]
+    typer.echo(f"output: {out}  (report: {out}/report.md)")
+    if "vllm" in report["artefacts"]:
+        typer.echo(f"serve:  vllm serve {out}/vllm")
+    if report["exit_code"]:
+        first = report["failed_gates"][0]
+        gate = next(g for g in report["gates"] if not g["passed"])
+        detail = gate.get("detail") or f"{gate['value']:.6g} vs limit {gate['limit']:.6g}"
+        typer.echo(f"gate failed: {first} ({detail}); {len(report['failed_gates'])} failed in all, see report.md", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def analyze(model: ModelArg = None, recipe: RecipeOpt = None,
+            out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/analyze"), set_: SetOpt = None):
+    """Absorption profile only: drift and cosine per injection block, coefficients, plots; no pruning."""
+    _recipe(recipe, model, set_)
+    raise UserError("analyze is not implemented yet (issue 5); nothing was written")
+
+
+@app.command("validate")
+def validate_dir(directory: Annotated[Path, typer.Argument(help="an output directory of prune-and-export")]):
+    """Re-validate an existing output directory: reload every artefact, recompute gates, rewrite the report."""
+    raise UserError("validate is not implemented yet (issue 7); nothing was written")
+
+
+@app.command("list-recipes")
+def list_recipes():
+    """Packaged recipes, one line each."""
+    from absorbdeploy import recipe as rc
+
+    for name, path in sorted(rc.packaged_recipes().items()):
+        r = rc.from_yaml_text(path.read_text(), name)
+        typer.echo(f"{name:<18} {r.description}")
+
+
+@app.command("list-formats")
+def list_formats():
+    """Export formats, whether their runtime is installed, and what each is for."""
+    from absorbdeploy import exporters
+
+    for name, (_, description, _) in exporters.FORMATS.items():
+        missing = exporters.missing_modules(name)
+        state = "installed" if not missing else f"missing {', '.join(missing)}"
+        typer.echo(f"{name:<24} {state:<22} {description}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+        typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)

@@ -1,0 +1,121 @@
+"""Renderings of report.json: Markdown (report.md) and the rich terminal table. No numbers are computed here."""
+
+
+def _f(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mib(n) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def artefact_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for fmt, a in report["artefacts"].items():
+        if "error" in a:
+            rows.append([fmt, a.get("runtime", "?"), "FAILED: " + a["error"], "", "", "", "", "", ""])
+            continue
+        diff = a["max_abs_logit_diff"] if a.get("max_abs_logit_diff") is not None else a.get("max_abs_logprob_diff")
+        kind = "logit" if a.get("max_abs_logit_diff") is not None else "logprob"
+        rows.append([fmt, a["runtime"], "yes", _f(a["ppl"]), _f(a.get("dense_ppl")), _f(a.get("ppl_ratio")),
+                     _f(a["top1_agreement"], 4), f"{_f(diff)} ({kind})", f"{_mib(a['bytes'])} / {_f(a.get('realised_sparsity'), 4)}"])
+    return rows
+
+
+ARTEFACT_HEADER = ["artefact", "runtime", "reload", "PPL", "dense PPL", "ratio", "top-1 agree", "max |Δ|", "size / sparsity"]
+
+
+def latency_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for runtime, info in report.get("runtimes", {}).items():
+        lat = info.get("latency")
+        if not lat:
+            continue
+        for phase in ("prefill", "decode"):
+            entry = lat.get(f"{phase}_tok_s")
+            if not entry:
+                rows.append([runtime, phase, "–", "–", "n/a (no KV-cache graph)"])
+                continue
+            d, s = entry["dense"], entry["sparse"]
+            rows.append([runtime, phase, f"{d['median']:.1f} [{d['p10']:.1f}, {d['p90']:.1f}]",
+                         f"{s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}]", f"{entry['ratio']:.3f}"])
+    return rows
+
+
+LATENCY_HEADER = ["runtime", "phase", "dense tok/s median [p10, p90]", "sparse tok/s median [p10, p90]", "ratio"]
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    alloc = report["allocation"]
+    env = report["environment"]
+    out = [
+        f"# absorbdeploy report: {report['model']['name']}",
+        "",
+        f"**{report['status'].upper()}** (exit code {report['exit_code']})"
+        + (f": failed gates: {', '.join(report['failed_gates'])}" if report["failed_gates"] else ""),
+        "",
+        f"- recipe: `{report['recipe']['origin']}`; prune {report['pruning']['method']} {report['pruning']['structure']} "
+        f"({report['pruning']['statistics']} statistics); allocation {alloc['method']}; absorption "
+        f"{'on (' + report['recipe']['absorption']['definition'] + ')' if report['recipe']['absorption']['enabled'] else 'off'}",
+        f"- global sparsity over decoder Linears: target {alloc['target']:.4f}, realised {alloc['realised']:.6f} "
+        f"({alloc['zeros']:,} of {alloc['weights']:,} weights; exact: {alloc['exact']})",
+        f"- protocol: {report['protocol']['name']}; calibration {report['protocol']['calibration_windows']}, "
+        f"evaluation {report['protocol']['eval_windows']} ({report['protocol']['eval_text']})",
+        f"- dense PPL {_f(report['dense']['ppl'])}; pruned PPL {_f(report['reference']['ppl'])} "
+        f"({report['reference']['what']})",
+        f"- device: {env.get('device')} ({env.get('cpu')}, {env.get('torch_threads')} torch threads); "
+        f"torch {env['packages'].get('torch')}, transformers {env['packages'].get('transformers')}",
+        "",
+        "## Artefacts, each reloaded in its own runtime",
+        "",
+        _table(ARTEFACT_HEADER, artefact_rows(report)),
+        "",
+    ]
+    lat = latency_rows(report)
+    if lat:
+        out += ["## Latency (dense and sparse interleaved in one run, warm-up excluded)", "", _table(LATENCY_HEADER, lat), "",
+                "Unstructured sparsity stores zeros densely in every runtime here, so a ratio near 1.0 is expected "
+                "(see the README, 'Why is it not faster?').", ""]
+    gates = report["gates"]
+    if gates:
+        out += ["## Gates", "", _table(["gate", "artefact", "value", "limit", "passed"],
+                                       [[g["gate"], g["artefact"], _f(g["value"], 5), _f(g["limit"], 5),
+                                         "yes" if g["passed"] else "**NO**"] for g in gates]), ""]
+    out += ["## Allocation per block", "", _table(
+        ["block", "params", "score", "absorption", "base", "final", "realised"],
+        [[str(b["block"]), f"{b['params']:,}", _f(b["score"]), _f(b["absorption_coeff"]), _f(b["base_sparsity"], 4),
+          _f(b["final_sparsity"], 4), _f(b["realised_sparsity"], 4)] for b in alloc["blocks"]]), ""]
+    out += ["## Stages", "", _table(["stage", "seconds", "peak RSS MiB"],
+                                    [[k, _f(v["seconds"], 1), _f(v["peak_rss_mb"], 0)] for k, v in report["stages"].items()]), ""]
+    return "\n".join(out)
+
+
+def print_summary(report: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"absorbdeploy: {report['model']['name']}", show_lines=False)
+    for column in ARTEFACT_HEADER:
+        table.add_column(column)
+    for row in artefact_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    lat = latency_rows(report)
+    if lat:
+        t2 = Table(title="latency (interleaved, warm-up excluded)")
+        for column in LATENCY_HEADER:
+            t2.add_column(column)
+        for row in lat:
+            t2.add_row(*row)
+        console.print(t2)

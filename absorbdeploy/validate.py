@@ -1,0 +1,195 @@
+"""Stage 8, validate: reload every artefact in its own runtime and compare it with the in-memory pruned model.
+
+The reference is the pruned model with the export dtype's weights, computed once in fp32 torch: next-token log-probs and
+top-1 over all evaluation windows, full logits over the first `compare_windows`. Each artefact's runner is scored on the
+same windows: perplexity, top-1 agreement, max |delta log-prob of the next token| and, where the runtime exposes logits,
+max |delta logit| over the whole vocabulary. Per runtime the dense model is scored too (PPL ratio) and both are timed side
+by side. Gates from the recipe turn the numbers into a verdict; a failed gate is exit code 1.
+"""
+
+import time
+from dataclasses import dataclass
+
+from absorbdeploy import latency
+from absorbdeploy.runners import Runner, TorchRunner, perplexity, target_logprobs
+from absorbdeploy.recipe import Gates
+
+
+@dataclass
+class Reference:
+    target_lp: object  # [N, T-1]
+    top1: object  # [N, T-1]
+    logits: object  # [C, T, V] for the first C windows
+    ppl: float
+
+
+def reference(model, windows, compare_windows: int, batch_size: int) -> Reference:
+    import torch
+
+    runner = TorchRunner(model, batch_size)
+    lps, tops, kept = [], [], None
+    # The first batch is exactly the compared windows, so a runtime given the same batch can match bit for bit.
+    first = min(compare_windows, windows.shape[0])
+    bounds = ([(0, first)] if first else []) + [(s, min(s + batch_size, windows.shape[0])) for s in range(first, windows.shape[0], batch_size)]
+    for start, stop in bounds:
+        batch = windows[start:stop]
+        logits = runner.logits(batch)
+        lps.append(target_logprobs(logits, batch))
+        tops.append(logits[:, :-1].argmax(-1))
+        if start == 0 and first:
+            kept = logits
+        del logits
+    lp = torch.cat(lps)
+    return Reference(lp, torch.cat(tops), kept, perplexity(lp))
+
+
+def compare(runner: Runner, ref: Reference, windows) -> dict:
+    """Scores of `runner` on `windows` against the reference."""
+    start = time.perf_counter()
+    scores = runner.score(windows)
+    result = {
+        "ppl": perplexity(scores.target_logprobs),
+        "top1_agreement": float((scores.top1 == ref.top1).float().mean()),
+        "max_abs_logprob_diff": float((scores.target_logprobs - ref.target_lp).abs().max()),
+        "max_abs_logit_diff": None,
+        "logit_metric": "next-token log-prob (the runtime exposes log-probs, not logits)",
+    }
+    if runner.exposes_logits and ref.logits is not None:
+        mine = runner.logits(windows[: ref.logits.shape[0]]).float()
+        result["max_abs_logit_diff"] = float((mine - ref.logits).abs().max())
+        result["logit_metric"] = f"logits over the full vocabulary, first {ref.logits.shape[0]} windows"
+    result["score_seconds"] = time.perf_counter() - start
+    return result
+
+
+def checked_diff(result: dict) -> float:
+    """The number the max_abs_logit_diff gate reads: logits where the runtime has them, else next-token log-probs."""
+    value = result.get("max_abs_logit_diff")
+    return result["max_abs_logprob_diff"] if value is None else value
+
+
+def gate_verdicts(gates: Gates, artefacts: dict) -> list[dict]:
+    """One verdict per (gate, artefact); `artefacts` maps a name to its comparison dict (with ppl_ratio)."""
+    verdicts = []
+    for name, result in artefacts.items():
+        if "error" in result:
+            verdicts.append({"gate": "reload", "artefact": name, "value": None, "limit": None, "passed": False,
+                             "detail": result["error"]})
+            continue
+        checks = [
+            ("max_ppl_ratio", result.get("ppl_ratio"), gates.max_ppl_ratio, lambda v, lim: v <= lim),
+            ("max_abs_logit_diff", checked_diff(result), gates.max_abs_logit_diff, lambda v, lim: v <= lim),
+            ("min_top1_agreement", result.get("top1_agreement"), gates.min_top1_agreement, lambda v, lim: v >= lim),
+        ]
+        for gate, value, limit, ok in checks:
+            if limit is None or value is None:
+                continue
+            verdicts.append({"gate": gate, "artefact": name, "value": value, "limit": limit, "passed": bool(ok(value, limit))})
+    return verdicts
+
+
+def time_pair(dense: Runner, sparse: Runner, vocab: int, settings, seed: int) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, settings.prompt_len), generator=generator)
+    return latency.side_by_side(dense, sparse, prompt, settings.new_tokens, settings.warmup, settings.iters)
+
+
+def device_description() -> dict:
+    import os
+    import platform
+
+    import torch
+
+    info = {"torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+OWN_RUNTIME = {"vllm": "vllm", "onnx": "onnxruntime", "compressed-safetensors": "torch"}
+
+
+def _load(fmt: str, path, recipe):
+    from absorbdeploy import exporters
+
+    module = exporters.get(fmt)
+    if fmt == "vllm":
+        return module.load(path, dtype=recipe.validate.vllm_dtype, max_model_len=_max_len(recipe))
+    return module.load(path)
+
+
+def _max_len(recipe) -> int:
+    lat = recipe.validate.latency
+    return max(recipe.validate.seqlen, lat.prompt_len + lat.new_tokens) + 8
+
+
+def validate_exports(model, dense_model, tokenizer, artefacts: dict, spec, windows, recipe, workdir, progress) -> dict:
+    """Reload every artefact in its runtime and score it; with latency on, also score and time the dense model there.
+
+    Order matters: runtimes start first (a vLLM engine takes ~30 s and warms up while torch computes the reference),
+    and all timing happens after every engine is up, so no start-up competes with a timed run.
+    """
+    import dataclasses
+    import shutil
+
+    from absorbdeploy import exporters
+
+    v = recipe.validate
+    batch, vocab, seed = recipe.calibration.batch_size, model.config.vocab_size, recipe.calibration.seed
+    runners, dense_runners, results = {}, {}, {}
+    dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"})
+    try:
+        for fmt, artefact in artefacts.items():
+            try:
+                runners[fmt] = _load(fmt, artefact.path, recipe)
+                if v.latency.enabled and OWN_RUNTIME[fmt] != "torch":
+                    baseline = exporters.get(fmt).export(dense_model, tokenizer, workdir / fmt, dense_spec)
+                    dense_runners[fmt] = (_load(fmt, baseline.path, recipe), baseline.bytes)
+            except Exception as e:
+                results[fmt] = _failure(fmt, e)
+        ref = reference(model, windows, v.compare_windows, batch)
+        dense_torch = TorchRunner(dense_model, batch)
+        dense_ppl = perplexity(dense_torch.score(windows).target_logprobs)
+        runtimes = {"torch": {"dense_ppl": dense_ppl, "sparse_ppl": ref.ppl, "ppl_ratio": ref.ppl / dense_ppl}}
+        progress.log(f"    torch: dense PPL {dense_ppl:.3f}, pruned PPL {ref.ppl:.3f}")
+        for fmt, runner in runners.items():
+            try:
+                result = {"runtime": runner.runtime, **compare(runner, ref, windows)}
+                result["audit"] = exporters.get(fmt).describe(artefacts[fmt].path)["audit"]
+                result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
+                if fmt in dense_runners:
+                    result["dense_ppl"] = perplexity(dense_runners[fmt][0].score(windows).target_logprobs)
+                    result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense_runners[fmt][1]
+                    runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
+                result["ppl_ratio"] = result["ppl"] / result["dense_ppl"]
+                runtimes.get(runner.runtime, {})["ppl_ratio"] = result["ppl_ratio"]
+            except Exception as e:
+                result = _failure(fmt, e)
+            results[fmt] = result
+        if v.latency.enabled:
+            runtimes["torch"]["latency"] = time_pair(dense_torch, TorchRunner(model, batch), vocab, v.latency, seed)
+            for fmt, (dense_runner, _) in dense_runners.items():
+                if "error" not in results[fmt]:
+                    runtimes[runners[fmt].runtime]["latency"] = time_pair(dense_runner, runners[fmt], vocab, v.latency, seed)
+    finally:
+        for r in [*runners.values(), *(d for d, _ in dense_runners.values())]:
+            r.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    for fmt in artefacts:
+        result = results[fmt]
+        if "error" in result:
+            progress.log(f"    {fmt}: RELOAD FAILED: {result['error']}")
+        else:
+            progress.log(f"    {fmt} ({result['runtime']}): PPL {result['ppl']:.3f} (dense {result['dense_ppl']:.3f}, "
+                         f"{result['dense_runtime']}), top-1 {result['top1_agreement']:.4f}, max diff {checked_diff(result):.2e}")
+    ordered = {f: results[f] for f in artefacts}
+    return {"dense_ppl": dense_ppl, "reference_ppl": ref.ppl, "artefacts": ordered, "runtimes": runtimes,
+            "gates": gate_verdicts(v.gates, ordered), "device": device_description()}
+
+
+def _failure(fmt: str, error: Exception) -> dict:
+    """A reload or scoring that fails is a failed gate, reported with its cause, not a crash."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return {"runtime": OWN_RUNTIME[fmt], "error": f"{error.__class__.__name__}: {message}"}

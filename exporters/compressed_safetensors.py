@@ -1,0 +1,184 @@
+"""Format `compressed-safetensors`: the legacy compressed-tensors (<= 0.14) bitmask layout, written and read by our codec.
+
+Why our own codec: compressed-tensors >= 0.15 removed its sparse compressors, 0.14 needs transformers < 5, and
+transformers 5.2x "loads" such checkpoints with random Linear weights and no error (export §0). No runtime in reach
+reads this format today: it is the archive / transfer-size format, and `load` decodes it back to a dense model itself.
+
+Per pruned Linear `<m>` (export §2.2), `<m>.weight` is replaced by
+  sparse-bitmask     <m>.shape int64 [2] | <m>.compressed [nnz] | <m>.bitmask uint8 [out, ceil(in/8)] | <m>.row_offsets int64 [out]
+  sparse-24-bitmask  <m>.shape int64 [2,1] | <m>.compressed [out, in/2] | <m>.bitmask uint8 [out, in/8]
+bits packed little-endian along the input dimension (numpy.packbits(bitorder="little")). Everything else stays dense.
+2:4 is written only after every tensor passes a 2:4 check: the legacy compressor keeps the top-2 |w| of every group of 4
+whatever the tensor holds, so compressing a non-2:4 tensor would silently re-prune it.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+from absorbdeploy.errors import UserError
+from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, unique_state_dict, write_sidecar
+
+FORMAT = "compressed-safetensors"
+LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose on-disk layout this reproduces
+
+
+def compress_bitmask(w) -> dict:
+    import numpy as np
+    import torch
+
+    mask = w != 0
+    count = mask.sum(dim=1)
+    bits = np.packbits(mask.cpu().numpy(), axis=-1, bitorder="little")
+    return {"shape": torch.tensor(list(w.shape), dtype=torch.int64), "compressed": w[mask].contiguous(),
+            "bitmask": torch.from_numpy(bits), "row_offsets": (torch.cumsum(count, 0) - count).to(torch.int64)}
+
+
+def decompress_bitmask(parts: dict):
+    import numpy as np
+    import torch
+
+    rows, columns = (int(v) for v in parts["shape"].reshape(-1))
+    mask = np.unpackbits(parts["bitmask"].numpy(), axis=-1, count=columns, bitorder="little").astype(bool)
+    dense = torch.zeros(rows, columns, dtype=parts["compressed"].dtype)
+    dense[torch.from_numpy(mask)] = parts["compressed"]
+    return dense
+
+
+def compress_24(w) -> dict:
+    import numpy as np
+    import torch
+
+    from absorbdeploy.masks import is_nm
+
+    rows, columns = w.shape
+    if not is_nm(w, 2, 4):
+        raise UserError("sparse-24-bitmask refused: a tensor is not 2:4 sparse (some group of 4 inputs has fewer than 2 zeros); "
+                        "the legacy format would silently re-prune it")
+    groups = w.reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().float().topk(2, dim=1).indices, True)
+    keep = keep.view(rows, columns)
+    bits = np.packbits(keep.cpu().numpy(), axis=-1, bitorder="little")
+    return {"shape": torch.tensor([rows, columns], dtype=torch.int64).reshape(-1, 1),
+            "compressed": w[keep].reshape(rows, columns // 2).contiguous(), "bitmask": torch.from_numpy(bits)}
+
+
+def decompress_24(parts: dict):
+    return decompress_bitmask({"shape": parts["shape"], "bitmask": parts["bitmask"], "compressed": parts["compressed"].reshape(-1)})
+
+
+def _parse_size(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(\w+)", text).groups()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    return int(float(number) * scale)
+
+
+def _shards(tensors: dict, limit: int) -> list[dict]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
+    import torch
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
+    codec = compress_24 if layout == "sparse-24-bitmask" else compress_bitmask
+    tensors = {}
+    prunable = set(spec.prunable)
+    for name, t in unique_state_dict(model, getattr(torch, spec.dtype)).items():
+        if name in prunable:
+            module = name[: -len(".weight")]
+            tensors.update({f"{module}.{k}": v for k, v in codec(t).items()})
+        else:
+            tensors[name] = t.contiguous()
+    shards = _shards(tensors, _parse_size(spec.max_shard_size))
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config = model.config.to_dict()
+    config["dtype"] = spec.dtype
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {"format": layout, "global_sparsity": spec.sidecar.get("allocation", {}).get("realised", 0.0),
+                            "ignore": ["lm_head"], "registry_requires_subclass": False,
+                            "sparsity_structure": "2:4" if layout == "sparse-24-bitmask" else "unstructured",
+                            "targets": ["Linear"]},
+        "transform_config": {},
+        "version": LAYOUT_VERSION,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_sidecar(out, spec, FORMAT)
+    return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, [f"layout {layout} (compressed-tensors {LAYOUT_VERSION})"])
+
+
+def read_state_dict(out_dir) -> tuple[dict, str]:
+    """Decode every tensor back to dense; returns (state dict, layout)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(out_dir) / "config.json").read_text())
+    layout = config.get("quantization_config", {}).get("sparsity_config", {}).get("format")
+    if layout not in ("sparse-bitmask", "sparse-24-bitmask"):
+        raise UserError(f"{out_dir}/config.json has no sparse-bitmask sparsity_config; not a {FORMAT} export")
+    raw = {}
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        raw.update(load_file(str(file)))
+    decode = decompress_24 if layout == "sparse-24-bitmask" else decompress_bitmask
+    modules = sorted({k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")})
+    state = {k: v for k, v in raw.items() if not any(k.startswith(m + ".") and k[len(m) + 1 :] in
+                                                        ("shape", "compressed", "bitmask", "row_offsets") for m in modules)}
+    for m in modules:
+        state[f"{m}.weight"] = decode({k: raw[f"{m}.{k}"] for k in ("shape", "compressed", "bitmask") if f"{m}.{k}" in raw})
+    return state, layout
+
+
+def describe(out_dir) -> dict:
+    meta = read_sidecar(out_dir)
+    state, layout = read_state_dict(out_dir)
+    nm = tuple(meta["nm"]) if meta.get("nm") else None
+    files = list_files(Path(out_dir))
+    return {"format": FORMAT, "layout": layout, "files": files, "bytes": sum(files.values()),
+            "audit": audit(state, meta["prunable"], nm)}
+
+
+def load(out_dir):
+    """Rebuild the model from config.json (without its quantization_config) and the decoded weights; strict keys."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from absorbdeploy.load import BLOCK_PATHS
+    from absorbdeploy.runners import TorchRunner
+
+    state, _ = read_state_dict(out_dir)
+    config_dict = json.loads((Path(out_dir) / "config.json").read_text())
+    config_dict.pop("quantization_config")
+    model_type = config_dict.get("model_type")
+    if model_type not in BLOCK_PATHS:  # config.json is data: it never selects code outside the allow-list
+        raise UserError(f"{out_dir}/config.json: model_type {model_type!r} is not supported ({', '.join(BLOCK_PATHS)})")
+    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"{out_dir}: decoded weights do not match the architecture (missing {sorted(set(missing) - tied)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return TorchRunner(model.eval(), name="torch (decoded)")

@@ -1,0 +1,202 @@
+"""Format `onnx`: a logits graph (`torch.onnx.export(dynamo=True)`, dynamic batch and sequence, no KV cache) whose pruned
+weights are stored as sparse tensors wherever that makes the file smaller.
+
+Storage (export §5): a pruned weight becomes a `Constant` node with a `sparse_value` (values + 1-D int64 indices) rather
+than a graph `sparse_initializer`: both store the same bytes, but the Constant's output is dense, so strict shape
+inference and `onnx.checker.check_model(full_check=True)` pass. With int64 indices, sparse is smaller only above 66.7 %
+sparsity in fp32 (80 % in fp16); `sparse: auto` decides per tensor. onnx's external-data writer ignores sparse tensors,
+so they stay inside the .onnx protobuf, which must stay under 2 GiB; dense weights go to `model.onnx.data` when the
+model is large. onnxruntime densifies sparse tensors when it creates the session (export §5.4): disk size drops, memory
+and latency do not. The runner is an onnxruntime session (CUDA EP when available).
+"""
+
+import time
+from pathlib import Path
+
+from absorbdeploy.errors import UserError
+from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, write_sidecar
+from absorbdeploy.runners import Runner, Timing
+
+FORMAT = "onnx"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_ABOVE = 1 << 30  # dense bytes above which weights go to external data (well under the 2 GiB limit)
+INDEX_BYTES = 8  # int64 linear index per non-zero
+
+
+def sparse_is_smaller(numel: int, nnz: int, itemsize: int) -> bool:
+    """The break-even of export §5.6: nnz (itemsize + 8) < numel itemsize."""
+    return nnz * (itemsize + INDEX_BYTES) < numel * itemsize
+
+
+def _logits_module(model):
+    """model(input_ids) -> logits without a KV cache: the graph onnxruntime scores windows with."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    return Logits(model).eval()
+
+
+def _to_graph(model, opset: int):
+    import logging
+    import warnings
+
+    import torch
+
+    sample = torch.zeros(2, 16, dtype=torch.long, device=next(model.parameters()).device)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(_logits_module(model), (sample,), dynamo=True, optimize=False, opset_version=opset,
+                                    verbose=False, dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                                    input_names=["input_ids"], output_names=["logits"])
+    return program.model_proto
+
+
+def _sparsify(proto, spec: ExportSpec) -> tuple[dict, list[str]]:
+    """Swap pruned initializers for Constant(sparse_value) nodes where allowed; returns {hf name: onnx name} and notes."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    prunable = set(spec.prunable)
+    names, notes, inline, sparse_count = {}, [], 0, 0
+    keep, constants = [], []
+    for init in proto.graph.initializer:
+        hf = init.name[len("model."):] if init.name.startswith("model.") else init.name
+        if hf not in prunable:
+            keep.append(init)
+            continue
+        names[hf] = init.name
+        array = numpy_helper.to_array(init)
+        flat = array.reshape(-1)
+        nz = np.flatnonzero(flat)
+        smaller = sparse_is_smaller(flat.size, nz.size, flat.itemsize)
+        wanted = spec.onnx_sparse == "always" or (spec.onnx_sparse == "auto" and smaller)
+        size = nz.size * (flat.itemsize + INDEX_BYTES)
+        if not wanted or inline + size > PROTOBUF_LIMIT - (256 << 20):
+            if wanted:
+                notes.append(f"{hf}: kept dense, the protobuf would pass 2 GiB with more inline sparse data")
+            keep.append(init)
+            continue
+        values = numpy_helper.from_array(flat[nz], name=init.name)
+        indices = numpy_helper.from_array(nz.astype(np.int64), name=init.name + "__indices")
+        sparse = helper.make_sparse_tensor(values, indices, list(array.shape))
+        constants.append(helper.make_node("Constant", [], [init.name], name=init.name + "__sparse", sparse_value=sparse))
+        inline += size
+        sparse_count += 1
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(constants + nodes)
+    notes.insert(0, f"{sparse_count} of {len(names)} pruned weights stored sparse (policy {spec.onnx_sparse}); "
+                    "onnxruntime densifies them at session creation")
+    return names, notes
+
+
+def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
+    import onnx
+    import torch
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = model
+    if spec.onnx_dtype != "float32":
+        import copy
+
+        source = copy.deepcopy(model).to(getattr(torch, spec.onnx_dtype))
+    proto = _to_graph(source, spec.onnx_opset)
+    del source
+    proto.ir_version = min(proto.ir_version, 10)  # onnxruntime >= 1.20 reads IR 10; newer onnx defaults are refused
+    names, notes = _sparsify(proto, spec)
+    dense_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    external = dense_bytes > EXTERNAL_DATA_ABOVE
+    onnx.save_model(proto, str(out / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    onnx.checker.check_model(str(out / MODEL_FILE))
+    write_sidecar(out, spec, FORMAT)
+    _add_names(out, names)
+    if external:
+        notes.append(f"dense weights in external data {DATA_FILE}")
+    return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
+
+
+def _add_names(out: Path, names: dict) -> None:
+    import json
+
+    from absorbdeploy.exporters import SIDECAR
+
+    meta = json.loads((out / SIDECAR).read_text())
+    meta["onnx_names"] = names
+    (out / SIDECAR).write_text(json.dumps(meta, indent=1))
+
+
+def read_weights(out_dir, wanted: dict) -> dict:
+    """{hf name: torch tensor} for the given {hf name: onnx name}, from initializers or sparse Constants."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(Path(out_dir) / MODEL_FILE), load_external_data=True)
+    dense = {i.name: i for i in proto.graph.initializer}
+    sparse = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant" and n.attribute
+              and n.attribute[0].name == "sparse_value"}
+    found = {}
+    for hf, name in wanted.items():
+        if name in dense:
+            found[hf] = torch.from_numpy(numpy_helper.to_array(dense[name]).copy())
+        elif name in sparse:
+            st = sparse[name].attribute[0].sparse_tensor
+            values, indices = numpy_helper.to_array(st.values), numpy_helper.to_array(st.indices)
+            array = np.zeros(int(np.prod(st.dims)), dtype=values.dtype)
+            array[indices] = values
+            found[hf] = torch.from_numpy(array.reshape(tuple(st.dims)))
+        else:
+            raise UserError(f"{out_dir}/{MODEL_FILE} lacks the weight {hf}; the export is incomplete")
+    return found
+
+
+def describe(out_dir) -> dict:
+    meta = read_sidecar(out_dir)
+    nm = tuple(meta["nm"]) if meta.get("nm") else None
+    files = list_files(Path(out_dir))
+    tensors = read_weights(out_dir, meta["onnx_names"])
+    return {"format": FORMAT, "files": files, "bytes": sum(files.values()), "audit": audit(tensors, meta["prunable"], nm)}
+
+
+def load(out_dir) -> "OnnxRunner":
+    return OnnxRunner(out_dir)
+
+
+class OnnxRunner(Runner):
+    runtime = "onnxruntime"
+
+    def __init__(self, out_dir):
+        import onnxruntime as ort
+
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(out_dir) / MODEL_FILE), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+
+    def logits(self, ids):
+        import torch
+
+        return torch.from_numpy(self.session.run(["logits"], {"input_ids": ids.numpy()})[0]).float()
+
+    def generate(self, prompt, new_tokens: int) -> Timing:
+        start = time.perf_counter()
+        self.session.run(["logits"], {"input_ids": prompt.numpy()})
+        return Timing(time.perf_counter() - start, None, new_tokens)  # no KV-cache graph: decode is not timed

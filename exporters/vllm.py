@@ -1,0 +1,177 @@
+"""Format `vllm`: a complete `save_pretrained` directory that vLLM serves, plus the sidecar `absorbdeploy.json`.
+
+The pruned zeros are stored densely and config.json carries **no** `sparsity_config`: vLLM >= 0.24 refuses any checkpoint
+whose compressed-tensors sparsity config has targets (export §4.2), and no vLLM kernel runs unstructured sparsity faster
+anyway. The sparsity facts (allocation, realised sparsity per tensor, provenance) live in the sidecar.
+
+The runner drives `vllm.LLM` in a worker subprocess (`python -m absorbdeploy.exporters.vllm DIR`) speaking JSON lines:
+perplexity comes from prompt log-probs, latency from greedy generation. vLLM exposes log-probs, not logits, so the
+comparison with the in-memory model uses the log-prob of each next token.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absorbdeploy.errors import UserError
+from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, unique_state_dict, write_sidecar
+from absorbdeploy.runners import Runner, Scores, Timing
+
+FORMAT = "vllm"
+
+
+def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
+    import torch
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # A converted copy of the state dict: casting the model itself would also round its rotary buffers.
+    state = unique_state_dict(model, getattr(torch, spec.dtype))
+    model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
+    del state
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = spec.dtype  # what `vllm serve DIR` and from_pretrained(dtype="auto") will use
+    assert "sparsity_config" not in json.dumps(config), "vLLM refuses sparsity metadata; it belongs in the sidecar"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_sidecar(out, spec, FORMAT)
+    return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start)
+
+
+def read_tensors(out_dir, names) -> dict:
+    from safetensors import safe_open
+
+    wanted, found = set(names), {}
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    found[key] = f.get_tensor(key)
+    missing = wanted - set(found)
+    if missing:
+        raise UserError(f"{out_dir} lacks {len(missing)} pruned tensors (e.g. {sorted(missing)[0]}); the export is incomplete")
+    return found
+
+
+def describe(out_dir) -> dict:
+    meta = read_sidecar(out_dir)
+    nm = tuple(meta["nm"]) if meta.get("nm") else None
+    config = json.loads((Path(out_dir) / "config.json").read_text())
+    return {
+        "format": FORMAT,
+        "files": list_files(Path(out_dir)),
+        "bytes": sum(list_files(Path(out_dir)).values()),
+        "sparsity_config_in_config_json": "sparsity_config" in json.dumps(config),
+        "audit": audit(read_tensors(out_dir, meta["prunable"]), meta["prunable"], nm),
+    }
+
+
+def load(out_dir, dtype: str = "float32", max_model_len: int = 1024) -> "VllmRunner":
+    return VllmRunner(out_dir, dtype, max_model_len)
+
+
+class VllmRunner(Runner):
+    """vllm.LLM in a worker process; requests and answers are JSON lines on its stdin/stdout."""
+
+    runtime = "vllm"
+    exposes_logits = False
+
+    def __init__(self, out_dir, dtype: str, max_model_len: int):
+        self.log = tempfile.NamedTemporaryFile(prefix="absorbdeploy-vllm-", suffix=".log", delete=False)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        args = [sys.executable, "-m", "absorbdeploy.exporters.vllm", str(Path(out_dir).resolve()), dtype, str(max_model_len)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
+        self.startup_s = None  # the engine starts in the background; the first request waits for it
+
+    def _ready(self) -> None:
+        if self.startup_s is None:
+            self.startup_s = self._receive()["seconds"]
+
+    def _receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            tail = Path(self.log.name).read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"vLLM worker exited with code {self.proc.returncode}: {' | '.join(tail)}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"vLLM worker: {answer['error']}")
+        return answer
+
+    def _ask(self, request: dict) -> dict:
+        self._ready()
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._receive()
+
+    def score(self, ids) -> Scores:
+        import torch
+
+        answer = self._ask({"op": "score", "windows": ids.tolist()})
+        return Scores(torch.tensor(answer["target_logprobs"], dtype=torch.float32), torch.tensor(answer["top1"]))
+
+    def generate(self, prompt, new_tokens: int) -> Timing:
+        answer = self._ask({"op": "generate", "prompt": prompt[0].tolist(), "new_tokens": new_tokens})
+        return Timing(answer["prefill_s"], answer["decode_s"], new_tokens)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # the worker's loop ends at EOF
+                self.proc.wait(timeout=60)
+            except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
+    """Worker main loop. Protocol lines go to the original stdout; everything vLLM prints goes to stderr."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    start = time.perf_counter()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0,
+              enable_prefix_caching=False, max_logprobs=1)
+    protocol.write(json.dumps({"ready": True, "seconds": time.perf_counter() - start}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["op"] == "close":
+                protocol.write(json.dumps({"closed": True}) + "\n")
+                break
+            if request["op"] == "score":
+                params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0, detokenize=False)
+                outputs = llm.generate([{"prompt_token_ids": w} for w in request["windows"]], params, use_tqdm=False)
+                targets, tops = [], []
+                for window, out in zip(request["windows"], outputs):
+                    steps = out.prompt_logprobs[1:]
+                    targets.append([step[token].logprob for step, token in zip(steps, window[1:])])
+                    tops.append([next(t for t, lp in step.items() if lp.rank == 1) for step in steps])
+                protocol.write(json.dumps({"target_logprobs": targets, "top1": tops}) + "\n")
+            elif request["op"] == "generate":
+                prompt = {"prompt_token_ids": request["prompt"]}
+                first = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+                full = SamplingParams(max_tokens=request["new_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
+                t0 = time.perf_counter()
+                llm.generate([prompt], first, use_tqdm=False)
+                t1 = time.perf_counter()
+                llm.generate([prompt], full, use_tqdm=False)
+                t2 = time.perf_counter()
+                prefill = t1 - t0
+                protocol.write(json.dumps({"prefill_s": prefill, "decode_s": max(t2 - t1 - prefill, 0.0)}) + "\n")
+        except Exception as e:  # the parent turns this into an error with the worker's message
+            protocol.write(json.dumps({"error": f"{e.__class__.__name__}: {e}"}) + "\n")
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,86 @@
+"""The CLI end to end on the tiny model, in a subprocess, exactly as users and CI run it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out)
+    return out, proc
+
+
+def test_smoke_tiny_exits_zero_and_writes_every_artefact(smoke):
+    out, proc = smoke
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"output: {out}" in proc.stdout
+    for name in ("recipe.resolved.yaml", "allocation.csv", "report.json", "report.md", "vllm/config.json",
+                 "vllm/absorbdeploy.json", "compressed-safetensors/config.json", "onnx/model.onnx"):
+        assert (out / name).is_file(), name
+    assert not Path(str(out) + ".tmp").exists()
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["model"] == "builtin:tiny-llama" and resolved["prune"]["sparsity"] == 0.5
+
+
+def test_smoke_realised_sparsity_read_back_from_disk_is_exact(smoke):
+    from absorbdeploy.exporters import read_sidecar
+    from absorbdeploy.exporters.vllm import read_tensors
+
+    out, _ = smoke
+    meta = read_sidecar(out / "vllm")
+    tensors = read_tensors(out / "vllm", meta["prunable"])
+    zeros = sum(int((t == 0).sum()) for t in tensors.values())
+    total = sum(t.numel() for t in tensors.values())
+    assert len(tensors) == 4 * 7 and zeros == round(0.5 * total)
+    report = json.loads((out / "report.json").read_text())
+    assert report["allocation"]["exact"] and report["allocation"]["zeros"] == zeros
+    for fmt, art in report["artefacts"].items():
+        assert art["realised_sparsity"] == zeros / total, fmt
+
+
+def test_smoke_report_compares_every_artefact(smoke):
+    out, _ = smoke
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "passed" and report["exit_code"] == 0
+    assert set(report["artefacts"]) == {"vllm", "compressed-safetensors", "onnx"}
+    for fmt, art in report["artefacts"].items():
+        assert art["top1_agreement"] == 1.0, fmt
+        assert art["ppl"] == pytest.approx(report["reference"]["ppl"], rel=1e-4), fmt
+    assert report["artefacts"]["compressed-safetensors"]["max_abs_logit_diff"] == 0.0
+    assert {g["gate"] for g in report["gates"]} == {"max_abs_logit_diff", "min_top1_agreement"}
+    assert set(report["stages"]) >= {"load", "data", "calibrate", "allocate", "prune", "export", "validate"}
+    assert "| vllm | vllm | yes |" in (out / "report.md").read_text()
+
+
+def test_vllm_export_loads_in_transformers_with_the_pruned_weights(smoke):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = smoke
+    model = AutoModelForCausalLM.from_pretrained(out / "vllm", dtype=torch.float32)
+    config = json.loads((out / "vllm" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    zeros = sum(int((m.weight == 0).sum()) for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert zeros == json.loads((out / "report.json").read_text())["allocation"]["zeros"]
+
+
+def test_unknown_recipe_is_one_line_exit_two_and_writes_nothing(tmp_path):
+    out = tmp_path / "never"
+    proc = run_cli("prune-and-export", "--recipe", "no-such-recipe", "--out", out)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "smoke-tiny" in lines[0] and "uniform-wanda-50" in lines[0]
+    assert "Traceback" not in proc.stderr and not out.exists() and not Path(str(out) + ".tmp").exists()
+
+
+def test_existing_output_directory_needs_overwrite(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr

@@ -1,0 +1,123 @@
+"""Every format in FORMATS: export the pruned tiny model, reload it in its runtime, compare with the in-memory model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from absorbdeploy import exporters
+from absorbdeploy.errors import UserError
+from absorbdeploy.pipeline import prunable_names, round_weights
+from absorbdeploy.runners import TorchRunner
+from tests.helpers import prune_in_memory
+
+INSTALLED = [f for f in exporters.FORMATS if not exporters.missing_modules(f)]
+RUNTIME_FORMATS = [f for f in INSTALLED if f != "vllm"]  # vLLM's round trip lives in tests/slow (engine start ~30 s)
+
+
+def pruned_tiny(dtype: str, structure: str = "unstructured"):
+    from absorbdeploy.tiny import build_tiny_llama
+
+    model, tokenizer = build_tiny_llama()
+    prune_in_memory(model, 0.5, "wanda", structure)
+    round_weights(model, dtype)
+    names = prunable_names(model, model.model.layers)
+    nm = (2, 4) if structure == "2:4" else None
+    return model, tokenizer, exporters.ExportSpec(dtype=dtype, prunable=names, nm=nm, sidecar={"test": True})
+
+
+IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fmt", RUNTIME_FORMATS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_in_own_runtime(fmt, dtype, tmp_path):
+    model, tokenizer, spec = pruned_tiny(dtype)
+    module = exporters.get(fmt)
+    artefact = module.export(model, tokenizer, tmp_path / fmt, spec)
+    assert artefact.bytes > 0
+    expected = TorchRunner(model).logits(IDS)
+    with module.load(artefact.path) as runner:
+        got = runner.logits(IDS)
+    assert (got - expected).abs().max() <= 1e-4  # weights hold the export dtype's values; compute is fp32 in both
+    described = module.describe(artefact.path)
+    total = sum(p.numel() for n, p in model.named_parameters() if n in spec.prunable)
+    assert described["audit"]["zeros"] == round(0.5 * total)
+
+
+def test_vllm_directory_reloads_bit_exactly_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer, spec = pruned_tiny("bfloat16")
+    exporters.get("vllm").export(model, tokenizer, tmp_path / "v", spec)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "v", dtype=torch.float32)
+    assert torch.equal(TorchRunner(reloaded).logits(IDS), TorchRunner(model).logits(IDS))
+    config = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert "sparsity_config" not in json.dumps(config) and config["dtype"] == "bfloat16"
+
+
+def test_bitmask_bytes_by_hand():
+    from absorbdeploy.exporters.compressed_safetensors import compress_bitmask, decompress_bitmask
+
+    w = torch.tensor([[0.0, 1.5, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0],
+                      [4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    parts = compress_bitmask(w)
+    # little-endian bits along each row: row 0 sets bits 1, 4 | 8 -> bytes 0b00010010 = 18, 0b00000001 = 1
+    assert parts["bitmask"].tolist() == [[18, 1], [129, 0]]
+    assert parts["compressed"].tolist() == [1.5, 2.0, 3.0, 4.0, 5.0] and parts["compressed"].dtype == torch.bfloat16
+    assert parts["row_offsets"].tolist() == [0, 3] and parts["shape"].tolist() == [2, 10]
+    assert torch.equal(decompress_bitmask(parts), w)
+
+
+def test_bitmask_matches_numpy_packbits_on_odd_shapes():
+    from absorbdeploy.exporters.compressed_safetensors import compress_bitmask, decompress_bitmask
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1), (3, 7), (5, 9), (17, 33)]:
+        w = torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) > 0.6)
+        parts = compress_bitmask(w)
+        expected = np.packbits((w != 0).numpy(), axis=-1, bitorder="little")
+        assert np.array_equal(parts["bitmask"].numpy(), expected) and torch.equal(decompress_bitmask(parts), w)
+
+
+def test_two_four_refuses_a_tensor_that_is_not_two_four():
+    from absorbdeploy.exporters.compressed_safetensors import compress_24, decompress_24
+
+    ok = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    parts = compress_24(ok)
+    assert parts["shape"].tolist() == [[1], [8]] and parts["compressed"].shape == (1, 4)
+    assert torch.equal(decompress_24(parts), ok)
+    with pytest.raises(UserError, match="not 2:4"):
+        compress_24(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_two_four_export_uses_the_24_layout(tmp_path):
+    model, tokenizer, spec = pruned_tiny("bfloat16", "2:4")
+    module = exporters.get("compressed-safetensors")
+    module.export(model, tokenizer, tmp_path / "c", spec)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    assert module.describe(tmp_path / "c")["audit"]["nm_valid"] is True
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="onnx extra not installed")
+def test_onnx_sparse_storage_flips_at_the_break_even(tmp_path):
+    import onnx
+
+    from absorbdeploy.exporters.onnx import sparse_is_smaller
+
+    assert sparse_is_smaller(1000, 333, 4) and not sparse_is_smaller(1000, 334, 4)  # 66.7 % in fp32
+    assert sparse_is_smaller(1000, 199, 2) and not sparse_is_smaller(1000, 200, 2)  # 80 % in fp16
+    model, tokenizer, spec = pruned_tiny("float32")
+    module = exporters.get("onnx")
+    for policy, expected in [("auto", 0), ("always", 28), ("never", 0)]:
+        import dataclasses
+
+        out = tmp_path / policy
+        module.export(model, tokenizer, out, dataclasses.replace(spec, onnx_sparse=policy))
+        proto = onnx.load(str(out / "model.onnx"))
+        sparse = [n for n in proto.graph.node if n.op_type == "Constant" and n.attribute[0].name == "sparse_value"]
+        assert len(sparse) == expected, policy
+        onnx.checker.check_model(proto, full_check=True)
+    assert (tmp_path / "always" / "model.onnx").stat().st_size > (tmp_path / "never" / "model.onnx").stat().st_size
