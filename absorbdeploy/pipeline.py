@@ -30,6 +30,8 @@ class Plan:
 
 def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: bool, recipe_origin: str) -> Plan:
     source = load.resolve_source(recipe.model, trust_remote_code)
+    if source.context is not None:
+        _check_context(source.context, max(recipe.calibration.seqlen, recipe.validate.seqlen))
     data.check_text_paths(recipe.calibration.text, recipe.validate.text)
     formats = tuple(recipe.export.formats) if recipe.export.formats is not None else tuple(exporters.installed())
     exporters.check_available(formats)
@@ -81,51 +83,18 @@ def run(plan: Plan, progress: Progress) -> dict:
             corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
             calib = data.calibration_windows(corpus, r.calibration.nsamples, r.calibration.seqlen, r.calibration.draw)
             evals = data.eval_windows(corpus, r.validate.seqlen, r.validate.eval_windows)
-            _check_context(lm.model, max(r.calibration.seqlen, r.validate.seqlen))
+            _check_context(getattr(lm.model.config, "max_position_embeddings", None), max(r.calibration.seqlen, r.validate.seqlen))
             dense_model = copy.deepcopy(lm.model)
 
-        runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size)
-        needs_profile = r.allocation.method in allocate.NEEDS_ACTIVATIONS or r.absorption.enabled or (
-            r.calibration.statistics == "dense" and prune.needs_statistics(r.prune))
-        with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"
-                            if needs_profile else "no dense pass needed"):
-            profile = None
-            if needs_profile:
-                probe = (r.absorption.probe_samples, r.absorption.probe_seqlen) if r.absorption.enabled else None
-                hessian = r.prune.method == "sparsegpt" and (r.calibration.statistics == "dense" or r.absorption.enabled)
-                profile = calibrate.dense_profile(runner, calib, hessian, probe, progress.blocks("dense pass"))
-
-        sizes = prune.matrix_sizes(lm.blocks)
-        params = [sum(s) for s in sizes]
-        target = r.prune.sparsity
-        with progress.stage("allocate", r.allocation.method):
-            scores = allocate.block_scores(r.allocation.method, lm.blocks, profile.stats if profile else None, r.allocation)
-            base = allocate.base_allocation(r.allocation.method, scores, params, target, r.allocation)
-
-        with progress.stage("absorb", "enabled" if r.absorption.enabled else "disabled"):
-            final, absorption = base, None
-            if r.absorption.enabled:
-                from absorbdeploy import absorb
-
-                final, absorption = absorb.correct_allocation(runner, profile, base, params, r, work, progress)
-
-        with progress.stage("prune", f"{r.prune.method} {r.prune.structure}, {r.calibration.statistics} statistics"):
-            counts = prune.plan_counts(lm.blocks, final, target)
-            if not prune.needs_statistics(r.prune) or r.calibration.statistics == "dense":
-                records = prune.prune_from_profile(lm.blocks, profile.stats if profile else None, counts, r.prune,
-                                                   progress.blocks("prune"))
-            else:
-                records = prune.prune_sequential(runner, calib, counts, r.prune, progress.blocks("sequential prune"))
-            if profile is not None:
-                profile.stats = None
-            round_weights(lm.model, r.export.dtype)
-            allocation = report.allocation_section(r, params, scores, base, final, absorption, lm.blocks, records)
-            report.write_allocation_csv(work / "allocation.csv", allocation)
+        outcome = prune_model(lm, calib, r, progress, work)
+        outcome.profile = None  # statistics and probe states are not needed past pruning
+        allocation = report.allocation_section(r, outcome)
+        report.write_allocation_csv(work / "allocation.csv", allocation)
 
         spec = exporters.ExportSpec(
             dtype=r.export.dtype, prunable=prunable_names(lm.model, lm.blocks), nm=parse_nm(r.prune.structure),
             max_shard_size=r.export.max_shard_size, onnx_sparse=r.export.onnx.sparse, onnx_opset=r.export.onnx.opset,
-            onnx_dtype=r.export.onnx.dtype,
+            onnx_dtype=r.export.onnx.dtype, onnx_kv_cache=r.export.onnx.kv_cache,
             sidecar=report.sidecar(plan, facts, corpus, allocation),
         )
         with progress.stage("export", ", ".join(plan.formats)):
@@ -139,17 +108,168 @@ def run(plan: Plan, progress: Progress) -> dict:
                                                work / ".baselines", progress)
 
         with progress.stage("report"):
-            payload = report.build(plan, facts, corpus, calib, evals, allocation, absorption, records, checks,
-                                   artefacts, progress.stages)
+            payload = report.build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefacts,
+                                   progress.stages)
             report.write(work, payload)
         staging.commit()
     payload["output"] = str(plan.out)
     return payload
 
 
-def _check_context(model, seqlen: int) -> None:
+@dataclass
+class PruneOutcome:
+    params: list[int]  # prunable weights per block
+    scores: list[float] | None  # the allocator's per-block signal
+    base: list[float]  # the allocator's sparsities (exact budget)
+    final: list[float]  # after the absorption correction (= base when it is off)
+    absorption: dict | None
+    records: list  # prune.MatrixRecord per matrix
+    profile: calibrate.DenseProfile | None  # kept for callers that reuse it (benchmarks); the pipeline drops it
+    dense_pass: bool
+
+
+def prune_model(lm, calib, r: Recipe, progress: Progress, work: Path | None = None, profile=None) -> PruneOutcome:
+    """calibrate -> allocate -> absorb -> prune, in place on lm.model. A cached dense `profile` may be passed in."""
+    nm = parse_nm(r.prune.structure)
+    if nm is not None:
+        _check_nm_shapes(lm.blocks, nm)
+    runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size)
+    dense_stats = r.calibration.statistics == "dense" and prune.needs_statistics(r.prune)
+    needs_profile = r.allocation.method in allocate.NEEDS_ACTIVATIONS or r.absorption.enabled or dense_stats
+    with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"
+                        if needs_profile and profile is None else "no dense pass needed"):
+        if needs_profile and profile is None:
+            probe = (r.absorption.probe_samples, r.absorption.probe_seqlen) if r.absorption.enabled else None
+            hessian = r.prune.method == "sparsegpt" and (dense_stats or r.absorption.enabled)
+            profile = calibrate.dense_profile(runner, calib, hessian, probe, progress.blocks("dense pass"))
+
+    params = [sum(s) for s in prune.matrix_sizes(lm.blocks)]
+    target = r.prune.sparsity
+    with progress.stage("allocate", r.allocation.method):
+        scores = allocate.block_scores(r.allocation.method, lm.blocks, profile.stats if profile else None, r.allocation)
+        base = allocate.base_allocation(r.allocation.method, scores, params, target, r.allocation)
+
+    with progress.stage("absorb", "enabled" if r.absorption.enabled else "disabled"):
+        final, absorption = base, None
+        if r.absorption.enabled:
+            from absorbdeploy import absorb
+
+            final, absorption = absorb.correct_allocation(runner, profile, base, params, r, work, progress)
+
+    with progress.stage("prune", f"{r.prune.method} {r.prune.structure}, {r.calibration.statistics} statistics"):
+        counts = prune.plan_counts(lm.blocks, final, target)
+        if not prune.needs_statistics(r.prune) or r.calibration.statistics == "dense":
+            records = prune.prune_from_profile(lm.blocks, profile.stats if profile else None, counts, r.prune,
+                                               progress.blocks("prune"))
+        else:
+            records = prune.prune_sequential(runner, calib, counts, r.prune, progress.blocks("sequential prune"))
+        round_weights(lm.model, r.export.dtype)
+    return PruneOutcome(params, scores, base, final, absorption, records, profile, needs_profile)
+
+
+def analyze(plan: Plan, progress: Progress) -> dict:
+    """load -> data -> dense pass with probe states -> base allocation -> full absorption profile; nothing pruned."""
+    from absorbdeploy import absorb
+    from absorbdeploy.plots import write_absorption
+
+    r = plan.recipe
+    with atomic.Staging(plan.out, plan.overwrite) as staging:
+        work = staging.path
+        (work / "recipe.resolved.yaml").write_text(to_yaml(r))
+        with progress.stage("load", plan.source.name):
+            lm = load.load(plan.source, load.resolve_device(r.device), plan.trust_remote_code)
+            round_weights(lm.model, r.export.dtype)
+        with progress.stage("data", r.calibration.text or data.PROTOCOL):
+            corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
+            calib = data.calibration_windows(corpus, r.calibration.nsamples, r.calibration.seqlen, r.calibration.draw)
+        runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size)
+        with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"):
+            profile = calibrate.dense_profile(runner, calib, r.prune.method == "sparsegpt",
+                                              (r.absorption.probe_samples, r.absorption.probe_seqlen), progress.blocks("dense pass"))
+        params = [sum(s) for s in prune.matrix_sizes(lm.blocks)]
+        with progress.stage("allocate", r.allocation.method):
+            scores = allocate.block_scores(r.allocation.method, lm.blocks, profile.stats, r.allocation)
+            base = allocate.base_allocation(r.allocation.method, scores, params, r.prune.sparsity, r.allocation)
+        with progress.stage("absorb", "probe at every block, three eps, Gaussian control"):
+            result = absorb.analyze(runner, profile, base, params, r, progress)
+            result["model"] = plan.source.name
+            result["scores"] = scores
+            write_absorption(work, result)
+        staging.commit()
+    result["output"] = str(plan.out)
+    return result
+
+
+def revalidate(directory: Path, progress: Progress) -> dict:
+    """`absorbdeploy validate DIR`: reload every artefact of a finished run, recompute the checks and gates against a
+    reference rebuilt from the run's own checkpoint, and rewrite report.json / report.md in place."""
+    import json
+
+    from absorbdeploy.errors import UserError
+    from absorbdeploy.recipe import from_yaml_text
+
+    folder = Path(directory)
+    if not (folder / "report.json").is_file() or not (folder / "recipe.resolved.yaml").is_file():
+        raise UserError(f"{directory} is not a finished absorbdeploy output (no report.json / recipe.resolved.yaml)")
+    try:
+        old = json.loads((folder / "report.json").read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{folder / 'report.json'} is not valid JSON; re-run prune-and-export") from None
+    r = from_yaml_text((folder / "recipe.resolved.yaml").read_text(), str(folder / "recipe.resolved.yaml"))
+    formats = [f for f in exporters.FORMATS if (folder / f).is_dir()]
+    exporters.check_available(formats)
+    source = load.resolve_source(r.model)
+    with progress.stage("load", f"{source.name} (dense) and the run's own pruned checkpoint"):
+        if load.weights_sha256(source) != old["model"]["weights_sha256"]:
+            raise UserError(f"the source model {source.name} changed since the run (weights sha256 differs); re-run prune-and-export")
+        lm = load.load(source, load.resolve_device(r.device))
+        round_weights(lm.model, r.export.dtype)
+        reference = _reference_from(folder, formats)
+    with progress.stage("data", r.calibration.text or data.PROTOCOL):
+        corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
+        evals = data.eval_windows(corpus, r.validate.seqlen, r.validate.eval_windows)
+    meta = exporters.read_sidecar(folder / formats[0])
+    spec = exporters.ExportSpec(dtype=r.export.dtype, prunable=tuple(meta["prunable"]), nm=parse_nm(r.prune.structure),
+                                max_shard_size=r.export.max_shard_size, onnx_sparse=r.export.onnx.sparse,
+                                onnx_opset=r.export.onnx.opset, onnx_dtype=r.export.onnx.dtype,
+                                onnx_kv_cache=r.export.onnx.kv_cache)
+    artefacts = {f: exporters.Artifact(f, str(folder / f), exporters.list_files(folder / f),
+                                       old["artefacts"].get(f, {}).get("export_seconds", 0.0)) for f in formats}
+    with progress.stage("validate", f"{evals.shape[0]} x {evals.shape[1]} evaluation tokens"):
+        checks = validate.validate_exports(reference, lm.model, lm.tokenizer, artefacts, spec, evals, r,
+                                           folder.with_name(folder.name + ".validate.tmp"), progress)
+    payload = {**old, **report.validation_sections(checks, artefacts, r.export.dtype), "revalidated": report._now()}
+    report.write(folder, payload)
+    payload["output"] = str(folder)
+    return payload
+
+
+def _reference_from(folder: Path, formats: list[str]):
+    """The pruned model as the run exported it: the vllm/ checkpoint through transformers, else the decoded archive."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from absorbdeploy.errors import UserError
 
-    limit = getattr(model.config, "max_position_embeddings", None)
+    if "vllm" in formats:
+        return AutoModelForCausalLM.from_pretrained(folder / "vllm", dtype=torch.float32, use_safetensors=True).eval()
+    if "compressed-safetensors" in formats:
+        return exporters.get("compressed-safetensors").load(folder / "compressed-safetensors").model
+    raise UserError(f"{folder} has neither vllm/ nor compressed-safetensors/, from which validate rebuilds the pruned model")
+
+
+def _check_nm_shapes(blocks, nm: tuple[int, int]) -> None:
+    from absorbdeploy.errors import UserError
+
+    for index, block in enumerate(blocks):
+        for name, linear in load.prunable_linears(block):
+            if linear.in_features % nm[1]:
+                raise UserError(f"prune.structure {nm[0]}:{nm[1]} needs every Linear's input dimension divisible by {nm[1]}; "
+                                f"block {index} {name} has {linear.in_features} inputs")
+
+
+def _check_context(limit: int | None, seqlen: int) -> None:
+    from absorbdeploy.errors import UserError
+
     if limit is not None and seqlen > limit:
         raise UserError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens; lower calibration.seqlen / validate.seqlen")

@@ -1,8 +1,9 @@
 """What the user sees while a run works, and the per-stage clock the report keeps.
 
-On a terminal: one line per stage plus a `block i/N` bar (rich). Elsewhere (CI logs): plain lines, one per stage and one
-per finished block pass, no bars. Everything goes to stderr; stdout carries only the result. Each stage records wall
-time and the peak resident memory seen while it ran (and peak CUDA memory where there is a GPU).
+On a terminal: one line per stage plus a `block i/N` bar (rich). Elsewhere (CI logs): plain lines, one per stage and a
+few per block pass, no bars. Progress and results go to stdout; stderr is kept for the one-line error or failed gate, so
+a pipeline can capture it. Each stage records wall time and the peak resident memory seen while it ran (and peak CUDA
+memory where there is a GPU).
 """
 
 import sys
@@ -98,8 +99,8 @@ class Progress:
 
 
 def _console() -> Console:
-    probe = Console(stderr=True)
-    return Console(stderr=True, highlight=False, width=None if probe.is_terminal else 140)
+    probe = Console()
+    return Console(highlight=False, width=None if probe.is_terminal else 140)
 
 
 def _cuda_reset():

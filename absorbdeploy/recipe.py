@@ -5,6 +5,7 @@ version or an out-of-range value is a `UserError` naming the key and the fix. No
 """
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class OnnxOptions:
     sparse: str = "auto"  # auto: sparse initializers only where smaller than dense; always; never
     opset: int = 20
     dtype: str = "float32"  # onnxruntime's CPU kernels have no bf16 MatMul; weights carry the export dtype's values
+    kv_cache: bool = False  # also write a KV-cache prefill/decode pair (transformers' exporter) to time decoding
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,30 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers: `2:4` stays a string (YAML 1.1 reads it as the base-60 integer 124) and
+    `1e-3` is a float (YAML 1.1 reads it as a string)."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass: no Python objects)
+
+
 def packaged_recipes() -> dict[str, Path]:
     folder = resources.files("absorbdeploy.recipes")
     return {p.name[: -len(".yaml")]: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
@@ -195,7 +221,7 @@ def _read(path: Path) -> str:
 
 def from_yaml_text(text: str, origin: str) -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -277,7 +303,7 @@ def override(recipe: Recipe, assignment: str) -> Recipe:
     if not sep or not key:
         raise UserError(f"--set {assignment}: expected KEY=VALUE, for example --set prune.sparsity=0.6")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")

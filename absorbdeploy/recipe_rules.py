@@ -73,10 +73,7 @@ def check(r) -> None:
     _at_least("absorption.iterations", ab.iterations, 1)
     _at_least("absorption.skip_tokens", ab.skip_tokens, 0)
     if ab.enabled:
-        if not 1 <= ab.probe_samples <= c.nsamples:
-            raise UserError(f"absorption.probe_samples must be in [1, calibration.nsamples = {c.nsamples}], got {ab.probe_samples}")
-        if not ab.skip_tokens < ab.probe_seqlen <= c.seqlen:
-            raise UserError(f"absorption.probe_seqlen must be in ({ab.skip_tokens}, calibration.seqlen = {c.seqlen}], got {ab.probe_seqlen}")
+        check_probe(r)
     for fmt in e.formats or ():
         _choice("export.formats", fmt, EXPORT_FORMATS)
     if e.formats is not None and len(set(e.formats)) != len(e.formats):
@@ -118,3 +115,12 @@ def _choice(name: str, value, choices) -> None:
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise UserError(f"{name} must be >= {low}, got {value}")
+
+
+def check_probe(r) -> None:
+    """The probe's windows are a prefix of the calibration windows, so they must fit inside them."""
+    c, ab = r.calibration, r.absorption
+    if not 1 <= ab.probe_samples <= c.nsamples:
+        raise UserError(f"absorption.probe_samples must be in [1, calibration.nsamples = {c.nsamples}], got {ab.probe_samples}")
+    if not ab.skip_tokens < ab.probe_seqlen <= c.seqlen:
+        raise UserError(f"absorption.probe_seqlen must be in ({ab.skip_tokens}, calibration.seqlen = {c.seqlen}], got {ab.probe_seqlen}")

@@ -19,16 +19,18 @@ def artefact_rows(report: dict) -> list[list[str]]:
     rows = []
     for fmt, a in report["artefacts"].items():
         if "error" in a:
-            rows.append([fmt, a.get("runtime", "?"), "FAILED: " + a["error"], "", "", "", "", "", ""])
+            rows.append([fmt, a.get("runtime", "?"), "FAILED: " + a["error"], "", "", "", "", "", "", ""])
             continue
         diff = a["max_abs_logit_diff"] if a.get("max_abs_logit_diff") is not None else a.get("max_abs_logprob_diff")
         kind = "logit" if a.get("max_abs_logit_diff") is not None else "logprob"
+        ratio = f" ({a['bytes_ratio']:.2f}x dense)" if a.get("bytes_ratio") else ""
         rows.append([fmt, a["runtime"], "yes", _f(a["ppl"]), _f(a.get("dense_ppl")), _f(a.get("ppl_ratio")),
-                     _f(a["top1_agreement"], 4), f"{_f(diff)} ({kind})", f"{_mib(a['bytes'])} / {_f(a.get('realised_sparsity'), 4)}"])
+                     _f(a["top1_agreement"], 4), f"{_f(diff)} ({kind})", _mib(a["bytes"]) + ratio,
+                     _f(a.get("realised_sparsity"), 6)])
     return rows
 
 
-ARTEFACT_HEADER = ["artefact", "runtime", "reload", "PPL", "dense PPL", "ratio", "top-1 agree", "max |Δ|", "size / sparsity"]
+ARTEFACT_HEADER = ["artefact", "runtime", "reload", "PPL", "dense PPL", "ratio", "top-1 agree", "max |Δ|", "size", "sparsity on disk"]
 
 
 def latency_rows(report: dict) -> list[list[str]]:
@@ -88,12 +90,29 @@ def markdown(report: dict) -> str:
         out += ["## Latency (dense and sparse interleaved in one run, warm-up excluded)", "", _table(LATENCY_HEADER, lat), "",
                 "Unstructured sparsity stores zeros densely in every runtime here, so a ratio near 1.0 is expected "
                 "(see the README, 'Why is it not faster?').", ""]
+    out += ["![PPL ratio per artefact](ppl_ratio.png)", ""]
     gates = report["gates"]
     if gates:
         out += ["## Gates", "", _table(["gate", "artefact", "value", "limit", "passed"],
                                        [[g["gate"], g["artefact"], _f(g["value"], 5), _f(g["limit"], 5),
                                          "yes" if g["passed"] else "**NO**"] for g in gates]), ""]
-    out += ["## Allocation per block", "", _table(
+    absorption = report.get("absorption")
+    if absorption:
+        cost = absorption["cost"]
+        out += ["## Absorption correction", "",
+                f"definition `{absorption['definition']}`, strength {absorption['strength']}, {absorption['mode']} on top of "
+                f"{alloc['method']}; probe {absorption['probe']['samples']} x {absorption['probe']['seqlen']} tokens at eps "
+                f"{absorption['eps']}: {cost['block_forwards']} block forwards = {cost['dense_forward_equivalents']:.1f} "
+                f"probe-forward equivalents, {cost['seconds']:.0f} s. Curves and plots: absorption.json, absorption.png.", ""]
+    zs = report.get("zero_shot")
+    if zs:
+        if zs.get("status") == "ok":
+            out += ["## Zero-shot accuracy", "", f"backend: {zs['dense']['backend']}", "",
+                    _table(["task", "dense", "pruned"], [[t, _f(zs["dense"]["accuracy"][t], 4), _f(zs["pruned"]["accuracy"].get(t), 4)]
+                                                          for t in zs["dense"]["accuracy"]]), ""]
+        else:
+            out += [f"Zero-shot accuracy: {zs['status']} ({zs['reason']}).", ""]
+    out += ["## Allocation per block", "", "![allocation](allocation.png)", "", _table(
         ["block", "params", "score", "absorption", "base", "final", "realised"],
         [[str(b["block"]), f"{b['params']:,}", _f(b["score"]), _f(b["absorption_coeff"]), _f(b["base_sparsity"], 4),
           _f(b["final_sparsity"], 4), _f(b["realised_sparsity"], 4)] for b in alloc["blocks"]]), ""]
@@ -119,3 +138,17 @@ def print_summary(report: dict, console) -> None:
         for row in lat:
             t2.add_row(*row)
         console.print(t2)
+
+
+def print_absorption(result: dict, console) -> None:
+    from rich.table import Table
+
+    by = result["by_definition"]
+    table = Table(title=f"absorption profile: {result.get('model', '')} (probe {result['probe']['samples']} x "
+                        f"{result['probe']['seqlen']}, {result['cost']['dense_forward_equivalents']:.1f} probe-forward equivalents)")
+    for column in ("block", "base", "gain A", "composed B", "margin C", "control (gaussian) A", "corrected"):
+        table.add_column(column, justify="right")
+    for l, base in enumerate(result["base"]):
+        table.add_row(str(l), f"{base:.3f}", f"{by['gain'][l]:+.3f}", f"{by['composed'][l]:+.3f}", f"{by['margin'][l]:+.3f}",
+                      f"{result['control']['gain_coefficients'][l]:+.3f}", f"{result['final'][l]:.3f}")
+    console.print(table)

@@ -18,15 +18,17 @@ SCHEMA = "absorbdeploy.report/1"
 ALLOCATION_COLUMNS = ("block", "params", "score", "absorption_coeff", "base_sparsity", "final_sparsity", "realised_sparsity")
 
 
-def allocation_section(recipe, params, scores, base, final, absorption, blocks, records) -> dict:
-    zeros_by_block = [0] * len(blocks)
+def allocation_section(recipe, outcome) -> dict:
+    params, scores, records = outcome.params, outcome.scores, outcome.records
+    zeros_by_block = [0] * len(params)
     for rec in records:
         zeros_by_block[rec.block] += rec.zeros
-    coeffs = absorption["coefficients"] if absorption else [None] * len(blocks)
+    coeffs = outcome.absorption["coefficients"] if outcome.absorption else [None] * len(params)
     rows = [
         {"block": i, "params": params[i], "score": None if scores is None else scores[i], "absorption_coeff": coeffs[i],
-         "base_sparsity": base[i], "final_sparsity": final[i], "realised_sparsity": zeros_by_block[i] / params[i]}
-        for i in range(len(blocks))
+         "base_sparsity": outcome.base[i], "final_sparsity": outcome.final[i],
+         "realised_sparsity": zeros_by_block[i] / params[i]}
+        for i in range(len(params))
     ]
     zeros, total = sum(zeros_by_block), sum(params)
     errors = [r.rel_error for r in records if r.rel_error is not None]
@@ -88,23 +90,11 @@ def sidecar(plan, facts, corpus, allocation) -> dict:
     }
 
 
-def build(plan, facts, corpus, calib, evals, allocation, absorption, records, checks, artefacts, stages) -> dict:
+def build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefacts, stages) -> dict:
     r = plan.recipe
-    arts = {}
-    for fmt, art in artefacts.items():
-        result = dict(checks["artefacts"][fmt])
-        audit = result.pop("audit", None)
-        arts[fmt] = {"path": fmt, "bytes": art.bytes, "files": art.files, "export_seconds": round(art.seconds, 3),
-                     "notes": art.notes, **result}
-        if audit:
-            arts[fmt]["realised_sparsity"] = audit["sparsity"]
-            arts[fmt]["nm_valid"] = audit.get("nm_valid")
-    failed = [g for g in checks["gates"] if not g["passed"]]
     return {
         "schema": SCHEMA,
-        "status": "failed" if failed else "passed",
-        "exit_code": 1 if failed else 0,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "environment": {**environment(facts["device"]), **checks["device"]},
         "model": {"name": plan.source.name, "kind": plan.source.kind, "path": plan.source.path,
                   "model_type": plan.source.model_type, "weights_sha256": facts["weights_sha256"]},
@@ -113,23 +103,73 @@ def build(plan, facts, corpus, calib, evals, allocation, absorption, records, ch
                      "eval_windows": list(evals.shape), "seed": r.calibration.seed, "draw": r.calibration.draw},
         "recipe": {"origin": plan.recipe_origin, **to_dict(r)},
         "allocation": allocation,
-        "absorption": absorption,
+        "absorption": _absorption_summary(outcome.absorption),
         "pruning": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics,
-                    "matrices": len(records)},
-        "dense": {"ppl": checks["dense_ppl"], "runtime": "torch"},
-        "reference": {"ppl": checks["reference_ppl"], "runtime": "torch",
-                      "what": f"the in-memory pruned model with {r.export.dtype} weights, fp32 compute"},
-        "artefacts": arts,
-        "runtimes": checks["runtimes"],
-        "gates": checks["gates"],
-        "failed_gates": [f"{g['gate']} on {g['artefact']}" for g in failed],
+                    "matrices": len(outcome.records), "dense_pass": outcome.dense_pass},
+        **validation_sections(checks, artefacts, r.export.dtype),
         "stages": stages,
         "wall_seconds": round(sum(s["seconds"] for s in stages.values()), 3),
     }
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _absorption_summary(absorption: dict | None) -> dict | None:
+    """The report keeps the coefficients and cost; the full drift curves live in absorption.json."""
+    if absorption is None:
+        return None
+    keep = ("definition", "strength", "mode", "perturbation", "eps", "probe", "coefficients", "cost", "base", "final")
+    return {k: absorption[k] for k in keep if k in absorption} | {"details": "absorption.json"}
+
+
+def validation_sections(checks: dict, artefacts: dict, dtype: str) -> dict:
+    """Everything validation decides: per-artefact results, runtimes, gates and the verdict (also used by `validate DIR`)."""
+    arts = {}
+    for fmt, art in artefacts.items():
+        result = dict(checks["artefacts"][fmt])
+        audit = result.pop("audit", None)
+        arts[fmt] = {"path": fmt, "bytes": art.bytes, "files": art.files, "export_seconds": round(art.seconds, 3),
+                     "notes": art.notes, **result}
+        arts[fmt].setdefault("dense_bytes", checks.get("dense_bytes", {}).get(fmt))
+        if arts[fmt].get("dense_bytes"):
+            arts[fmt]["bytes_ratio"] = art.bytes / arts[fmt]["dense_bytes"]
+        if audit:
+            arts[fmt]["realised_sparsity"] = audit["sparsity"]
+            arts[fmt]["nm_valid"] = audit.get("nm_valid")
+    failed = [g for g in checks["gates"] if not g["passed"]]
+    return {
+        "status": "failed" if failed else "passed",
+        "exit_code": 1 if failed else 0,
+        "dense": {"ppl": checks["dense_ppl"], "runtime": "torch"},
+        "reference": {"ppl": checks["reference_ppl"], "runtime": "torch",
+                      "what": f"the in-memory pruned model with {dtype} weights, fp32 compute"},
+        "artefacts": arts,
+        "runtimes": checks["runtimes"],
+        "zero_shot": checks.get("zero_shot"),
+        "gates": checks["gates"],
+        "failed_gates": [f"{g['gate']} on {g['artefact']}" for g in failed],
+    }
+
+
 def write(folder: Path, payload: dict) -> None:
+    """report.json, report.md and the plots; each file written to a temporary name and renamed."""
+    from absorbdeploy.plots import allocation_bars, ppl_ratio_bars
     from absorbdeploy.render import markdown
 
-    (folder / "report.json").write_text(json.dumps(payload, indent=1, default=str))
-    (folder / "report.md").write_text(markdown(payload))
+    folder = Path(folder)
+    _atomic_text(folder / "report.json", json.dumps(payload, indent=1, default=str))
+    _atomic_text(folder / "report.md", markdown(payload))
+    blocks = payload["allocation"]["blocks"]
+    allocation_bars([b["base_sparsity"] for b in blocks], [b["final_sparsity"] for b in blocks],
+                    [b["realised_sparsity"] for b in blocks], folder / "allocation.png",
+                    f"allocation: {payload['allocation']['method']}, target {payload['allocation']['target']}")
+    if any("error" not in a for a in payload["artefacts"].values()):
+        ppl_ratio_bars(payload, folder / "ppl_ratio.png")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -19,6 +19,7 @@ class Timing:
     prefill_s: float  # prompt forward, first token out
     decode_s: float | None  # the remaining new tokens, or None where the runtime has no KV-cache graph
     new_tokens: int
+    tokens: list[int] | None = None  # the greedy tokens, where the runtime returns them
 
 
 class Runner:
@@ -94,10 +95,11 @@ class TorchRunner(Runner):
             token = out.logits[:, -1:].argmax(-1)
             sync()
             prefill = time.perf_counter() - start
-            cache = out.past_key_values
+            cache, tokens = out.past_key_values, [token]
             start = time.perf_counter()
             for _ in range(new_tokens - 1):
                 out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
             sync()
-        return Timing(prefill, time.perf_counter() - start, new_tokens)
+        return Timing(prefill, time.perf_counter() - start, new_tokens, [int(t[0, 0]) for t in tokens])

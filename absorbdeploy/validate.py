@@ -185,8 +185,26 @@ def validate_exports(model, dense_model, tokenizer, artefacts: dict, spec, windo
             progress.log(f"    {fmt} ({result['runtime']}): PPL {result['ppl']:.3f} (dense {result['dense_ppl']:.3f}, "
                          f"{result['dense_runtime']}), top-1 {result['top1_agreement']:.4f}, max diff {checked_diff(result):.2e}")
     ordered = {f: results[f] for f in artefacts}
+    from absorbdeploy import zeroshot
+
+    zero_shot = zeroshot.compare(dense_model, model, tokenizer, v.zero_shot)
     return {"dense_ppl": dense_ppl, "reference_ppl": ref.ppl, "artefacts": ordered, "runtimes": runtimes,
-            "gates": gate_verdicts(v.gates, ordered), "device": device_description()}
+            "gates": gate_verdicts(v.gates, ordered), "device": device_description(), "zero_shot": zero_shot,
+            "dense_bytes": {f: dense_weight_bytes(dense_model, spec.onnx_dtype if f == "onnx" else spec.dtype) for f in artefacts}}
+
+
+def dense_weight_bytes(model, dtype: str) -> int:
+    """Bytes of every unique tensor in `dtype`: what a dense checkpoint of this model weighs (tied weights once)."""
+    import torch
+
+    seen, total = set(), 0
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * itemsize
+    return total
 
 
 def _failure(fmt: str, error: Exception) -> dict:

@@ -37,6 +37,7 @@ class ExportSpec:
     onnx_sparse: str = "auto"
     onnx_opset: int = 20
     onnx_dtype: str = "float32"
+    onnx_kv_cache: bool = False
     sidecar: dict = field(default_factory=dict)  # allocation, provenance; written as absorbdeploy.json
 
 

@@ -19,6 +19,7 @@ from absorbdeploy.runners import Runner, Timing
 
 FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
+KV_DIR = "kv"
 DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_ABOVE = 1 << 30  # dense bytes above which weights go to external data (well under the 2 GiB limit)
@@ -128,7 +129,30 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     _add_names(out, names)
     if external:
         notes.append(f"dense weights in external data {DATA_FILE}")
+    if spec.onnx_kv_cache:
+        notes.append(_export_kv_pair(model, out, spec.onnx_opset))
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
+
+
+def _export_kv_pair(model, out: Path, opset: int) -> str:
+    """prefill.onnx + decode.onnx with a KV cache (transformers' own exporter), for decode latency; dense weights."""
+    import logging
+    import warnings
+
+    import torch
+    from transformers.exporters.configs import OnnxConfig
+    from transformers.exporters.exporter_onnx import OnnxExporter
+
+    sample = torch.zeros(2, 16, dtype=torch.long, device=next(model.parameters()).device)  # batch >= 2 stays dynamic
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        programs = OnnxExporter().export_for_generation(
+            model, {"input_ids": sample, "attention_mask": torch.ones_like(sample)}, OnnxConfig(dynamic=True, opset_version=opset))
+    (out / KV_DIR).mkdir(exist_ok=True)
+    for name, program in programs.items():
+        program.save(str(out / KV_DIR / f"{name}.onnx"), external_data=True)
+    return f"KV-cache pair {KV_DIR}/prefill.onnx + {KV_DIR}/decode.onnx (dense weights) for decode latency"
 
 
 def _add_names(out: Path, names: dict) -> None:
@@ -190,6 +214,10 @@ class OnnxRunner(Runner):
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(Path(out_dir) / MODEL_FILE), options, providers=providers)
         self.provider = self.session.get_providers()[0]
+        kv = Path(out_dir) / KV_DIR
+        self.kv = None
+        if (kv / "prefill.onnx").is_file() and (kv / "decode.onnx").is_file():
+            self.kv = {n: ort.InferenceSession(str(kv / f"{n}.onnx"), options, providers=providers) for n in ("prefill", "decode")}
 
     def logits(self, ids):
         import torch
@@ -197,6 +225,25 @@ class OnnxRunner(Runner):
         return torch.from_numpy(self.session.run(["logits"], {"input_ids": ids.numpy()})[0]).float()
 
     def generate(self, prompt, new_tokens: int) -> Timing:
+        import numpy as np
+
+        ids = prompt.numpy()
+        if self.kv is None:  # no KV-cache graph: only the prompt forward is timed
+            start = time.perf_counter()
+            self.session.run(["logits"], {"input_ids": ids})
+            return Timing(time.perf_counter() - start, None, new_tokens)
+        prefill, decode = self.kv["prefill"], self.kv["decode"]
         start = time.perf_counter()
-        self.session.run(["logits"], {"input_ids": prompt.numpy()})
-        return Timing(time.perf_counter() - start, None, new_tokens)  # no KV-cache graph: decode is not timed
+        outputs = dict(zip([o.name for o in prefill.get_outputs()], prefill.run(None, {
+            "input_ids": ids, "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]})))
+        prefill_s = time.perf_counter() - start
+        names = [o.name for o in decode.get_outputs()]
+        tokens = [outputs["logits"][:, -1:].argmax(-1).astype(np.int64)]
+        start = time.perf_counter()
+        for step in range(new_tokens - 1):
+            token = tokens[-1]
+            feeds = {"input_ids": token, "position_ids": np.array([[ids.shape[1] + step]], dtype=np.int64)}
+            feeds.update({k.replace("output.", "input.", 1): v for k, v in outputs.items() if k.startswith("output.")})
+            outputs = dict(zip(names, decode.run(None, feeds)))
+            tokens.append(outputs["logits"][:, -1:].argmax(-1).astype(np.int64))
+        return Timing(prefill_s, time.perf_counter() - start, new_tokens, [int(t[0, 0]) for t in tokens])

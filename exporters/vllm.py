@@ -140,8 +140,12 @@ def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
     start = time.perf_counter()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0,
-              enable_prefix_caching=False, max_logprobs=1)
+    try:
+        llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0,
+                  enable_prefix_caching=False, max_logprobs=1)
+    except BaseException as e:  # vLLM refuses some checkpoints with exceptions of odd types (DeprecationWarning)
+        protocol.write(json.dumps({"error": f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}) + "\n")
+        return
     protocol.write(json.dumps({"ready": True, "seconds": time.perf_counter() - start}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)

@@ -84,3 +84,42 @@ def test_existing_output_directory_needs_overwrite(tmp_path):
     out.mkdir()
     proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_report_json_follows_its_schema_and_plots_are_written(smoke):
+    from importlib import resources
+
+    import jsonschema
+
+    out, _ = smoke
+    schema = json.loads(resources.files("absorbdeploy").joinpath("report.schema.json").read_text())
+    jsonschema.validate(json.loads((out / "report.json").read_text()), schema)
+    for plot in ("allocation.png", "ppl_ratio.png"):
+        data = (out / plot).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, plot
+
+
+def test_validate_dir_reproduces_the_report(smoke):
+    out, _ = smoke
+    before = json.loads((out / "report.json").read_text())
+    proc = run_cli("validate", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads((out / "report.json").read_text())
+    assert after["revalidated"] and after["status"] == before["status"] == "passed"
+    for fmt, art in before["artefacts"].items():
+        assert after["artefacts"][fmt]["ppl"] == pytest.approx(art["ppl"], rel=1e-6), fmt
+        assert after["artefacts"][fmt]["top1_agreement"] == art["top1_agreement"]
+        assert after["artefacts"][fmt]["realised_sparsity"] == art["realised_sparsity"]
+    assert [(g["gate"], g["artefact"], g["passed"]) for g in after["gates"]] == \
+           [(g["gate"], g["artefact"], g["passed"]) for g in before["gates"]]
+
+
+def test_an_impossible_gate_exits_one_and_names_the_gate(tmp_path):
+    out = tmp_path / "gated"
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out, "--formats", "compressed-safetensors",
+                   "--set", "validate.gates.max_ppl_ratio=0.5", "--set", "validate.latency.enabled=false")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    failing = [l for l in proc.stderr.splitlines() if l.startswith("gate failed:")]
+    assert len(failing) == 1 and "max_ppl_ratio on compressed-safetensors" in failing[0] and "limit 0.5" in failing[0]
+    report = json.loads((out / "report.json").read_text())  # artefacts and report are kept
+    assert report["status"] == "failed" and report["exit_code"] == 1 and (out / "compressed-safetensors" / "config.json").is_file()

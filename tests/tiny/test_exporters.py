@@ -121,3 +121,18 @@ def test_onnx_sparse_storage_flips_at_the_break_even(tmp_path):
         assert len(sparse) == expected, policy
         onnx.checker.check_model(proto, full_check=True)
     assert (tmp_path / "always" / "model.onnx").stat().st_size > (tmp_path / "never" / "model.onnx").stat().st_size
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="onnx extra not installed")
+def test_onnx_kv_cache_pair_decodes_like_torch(tmp_path):
+    import dataclasses
+
+    model, tokenizer, spec = pruned_tiny("float32")
+    module = exporters.get("onnx")
+    artefact = module.export(model, tokenizer, tmp_path / "o", dataclasses.replace(spec, onnx_kv_cache=True))
+    assert (tmp_path / "o" / "kv" / "decode.onnx").is_file() and any("KV-cache" in n for n in artefact.notes)
+    prompt = IDS[:1, :20]
+    expected = TorchRunner(model).generate(prompt, 6).tokens
+    with module.load(artefact.path) as runner:
+        timing = runner.generate(prompt, 6)
+    assert timing.decode_s is not None and timing.tokens == expected
