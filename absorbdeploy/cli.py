@@ -202,4 +202,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    if code == 130:  # typer turns KeyboardInterrupt into exit code 130; the staging folder is already removed
+        typer.echo("interrupted; nothing was written", err=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -30,21 +30,24 @@ def hill_alpha_xmin_peak(eigs, bins: int = 100) -> float:
     peak = 10 ** edges[int(counts.argmax())]
     lower, upper = torch.log10(0.95 * peak), 1.5 * peak  # the authors' units quirk, kept on purpose
     suffix = logs.flip(0).cumsum(0).flip(0)  # sum_{j>=i} ln lambda_j
-    best_alpha, best_d = 0.0, 1.0
-    for i in range(n_total - 1):
-        xmin = eigs[i]
-        if xmin < lower:
-            continue
-        if xmin > upper:
-            break
-        n = n_total - i
-        alpha = 1 + n / (suffix[i] - n * logs[i])
-        if alpha > 1:
-            steps = torch.arange(n, dtype=torch.float64)
-            d = (1 - (eigs[i:] / xmin) ** (1 - alpha) - steps / n).abs().max().item()
-            if d < best_d:
-                best_alpha, best_d = alpha.item(), d
-    return best_alpha
+    index = torch.arange(n_total - 1)
+    # candidates in eigenvalue order; the scan stops at the first eigenvalue above the window (as the authors' loop)
+    above = (eigs[:-1] > upper).nonzero()
+    stop = int(above[0]) if len(above) else n_total - 1
+    candidates = index[:stop][eigs[:stop] >= lower]
+    if len(candidates) == 0:
+        return 0.0
+    n = (n_total - candidates).to(torch.float64)
+    alphas = 1 + n / (suffix[candidates] - n * logs[candidates])
+    # KS distance per candidate over its tail: rows = candidates, columns = tail positions m (masked beyond the tail)
+    m = torch.arange(n_total, dtype=torch.float64)
+    positions = candidates[:, None] + m[None, :].long()
+    valid = positions < n_total
+    tail = eigs[positions.clamp(max=n_total - 1)] / eigs[candidates][:, None]
+    fit = (1 - tail ** (1 - alphas[:, None]) - m[None, :] / n[:, None]).abs().masked_fill(~valid, 0)
+    distances = torch.where(alphas > 1, fit.max(dim=1).values, torch.ones_like(alphas))
+    best = int(distances.argmin())
+    return float(alphas[best]) if distances[best] < 1 else 0.0
 
 
 def matrix_alpha(weight) -> float:

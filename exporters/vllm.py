@@ -11,6 +11,7 @@ comparison with the in-memory model uses the log-prob of each next token.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -98,12 +99,18 @@ class VllmRunner(Runner):
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            tail = Path(self.log.name).read_text(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"vLLM worker exited with code {self.proc.returncode}: {' | '.join(tail)}")
+            raise RuntimeError(f"vLLM worker exited with code {self.proc.returncode}{self._root_cause()}")
         answer = json.loads(line)
         if "error" in answer:
-            raise RuntimeError(f"vLLM worker: {answer['error']}")
+            raise RuntimeError(f"vLLM worker: {answer['error']}{self._root_cause()}")
         return answer
+
+    def _root_cause(self) -> str:
+        """vLLM reports engine failures as 'see root cause above': find that line in the worker's log."""
+        lines = Path(self.log.name).read_text(errors="replace").splitlines()
+        causes = [re.sub(r"^\(.*?\)\s+\w+\s+[\d:-]+ [\d:]+ \[[^]]*\]\s*", "", l) for l in lines
+                  if re.search(r"\b\w+(Error|Exception): ", l) and "root cause above" not in l]
+        return f" (root cause: {causes[-1].strip()})" if causes else ""
 
     def _ask(self, request: dict) -> dict:
         self._ready()

@@ -35,3 +35,21 @@ def test_ci_runs_the_readme_test_command_verbatim():
     command = "./install.sh && .venv/bin/python -m pytest"
     assert f"\n{command}  " in readme or f"\n{command}\n" in readme
     assert f"'{command}'" in ci
+
+
+def test_no_unsafe_loading_in_the_package():
+    """No pickle, torch.load only with weights_only=True, YAML only through a SafeLoader, remote code off by default."""
+    import re
+
+    for folder in ("absorbdeploy", "exporters"):
+        for path in (REPO / folder).glob("*.py"):
+            text = path.read_text()
+            assert "import pickle" not in text and "pickle.load" not in text, path.name
+            for call in re.findall(r"torch\.load\([^)]*\)", text):
+                assert "weights_only=True" in call, (path.name, call)
+            for call in re.findall(r"yaml\.load\([^)]*\)", text):
+                assert "Loader=_Loader" in call, (path.name, call)
+            assert "trust_remote_code=True" not in text, path.name
+    from absorbdeploy import recipe
+
+    assert issubclass(recipe._Loader, __import__("yaml").SafeLoader)
