@@ -125,20 +125,26 @@ def integer_counts(block_sparsities, matrix_sizes, target: float) -> list[list[i
 NEEDS_ACTIVATIONS = ("owl", "dlp")
 
 
-def block_scores(method: str, blocks, stats, cfg) -> list[float] | None:
+def block_score(method: str, block, stats, cfg) -> float:
     """The per-block signal each allocator reads: OWL outlier ratio, DLP mean Wanda score, AlphaPruning mean alpha."""
     from absorbdeploy.esd import matrix_alpha
     from absorbdeploy.load import prunable_linears
     from absorbdeploy.masks import wanda_scores
 
+    linears = prunable_linears(block)
+    if method == "alpha":
+        return sum(matrix_alpha(m.weight) for _, m in linears) / len(linears)
+    scores = [wanda_scores(m.weight, stats[name].col_norm) for name, m in linears]
+    return owl_outlier_ratio(scores, cfg.owl.m) if method == "owl" else mean_score(scores)
+
+
+def block_scores(method: str, runner, stats, cfg) -> list[float] | None:
     if method in ("uniform", "atp"):
         return None
-    if method == "alpha":
-        return [sum(matrix_alpha(m.weight) for _, m in prunable_linears(b)) / len(prunable_linears(b)) for b in blocks]
     result = []
-    for block, block_stats in zip(blocks, stats):
-        scores = [wanda_scores(m.weight, block_stats[name].col_norm) for name, m in prunable_linears(block)]
-        result.append(owl_outlier_ratio(scores, cfg.owl.m) if method == "owl" else mean_score(scores))
+    for k in range(len(runner.blocks)):
+        with runner.block(k) as block:
+            result.append(block_score(method, block, stats[k] if stats else None, cfg))
     return result
 
 

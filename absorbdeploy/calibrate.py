@@ -7,6 +7,7 @@ Hessian proxy sum_t x_t x_t^T (pruning §2). `dense_profile` is the one dense pa
 block, plus the dense hidden states on the probe windows that the absorption probe reuses.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from absorbdeploy.load import prunable_linears
@@ -19,10 +20,10 @@ class _StopForward(Exception):
 class BlockRunner:
     """Runs decoder blocks of `model` one at a time; hidden states live on `storage`, compute happens on the model's device."""
 
-    def __init__(self, model, blocks, batch_size: int, storage=None):
+    def __init__(self, model, blocks, batch_size: int, storage=None, store=None):
         import torch
 
-        self.model, self.blocks, self.batch_size = model, blocks, batch_size
+        self.model, self.blocks, self.batch_size, self.store = model, blocks, batch_size, store
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.storage = storage or torch.device("cpu")
@@ -48,6 +49,15 @@ class BlockRunner:
         finally:
             handle.remove()
         return caught["hidden"], caught["kwargs"]
+
+    @contextmanager
+    def block(self, k: int, from_folder=None):
+        """Block k, ready to run: in memory it is just there; in streaming mode it is read in and released after."""
+        if self.store is None:
+            yield self.blocks[k]
+        else:
+            with self.store.block(k, from_folder) as block:
+                yield block
 
     def block_kwargs(self, batch: int, seqlen: int) -> dict:
         import torch
@@ -178,9 +188,10 @@ def dense_profile(runner: BlockRunner, windows, with_hessian: bool, probe: tuple
     hidden = runner.embed(windows)
     keep = (lambda h: h[: probe[0], : probe[1]].clone()) if probe else None
     profile = DenseProfile(stats=[], probe_hidden=[keep(hidden)] if keep else None)
-    for index, block in enumerate(runner.blocks):
+    for index in range(len(runner.blocks)):
         start = time.perf_counter()
-        hidden, stats = collect_stats(runner, block, hidden, with_hessian)
+        with runner.block(index) as block:
+            hidden, stats = collect_stats(runner, block, hidden, with_hessian)
         profile.stats.append(stats)
         if keep:
             profile.probe_hidden.append(keep(hidden))

@@ -39,6 +39,7 @@ class LoadedModel:
     source: ModelSource
     blocks: list  # the decoder blocks, in order
     device: object  # torch.device
+    store: object = None  # streaming mode: the BlockStore that reads blocks from disk on demand
 
     @property
     def n_blocks(self) -> int:
@@ -202,11 +203,23 @@ def resolve_device(requested: str):
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("--device cuda was requested but no CUDA device is available; use --device cpu or auto")
+        torch.backends.cuda.matmul.allow_tf32 = False  # Hessians and statistics stay true fp32
+        torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def load(source: ModelSource, device, trust_remote_code: bool = False) -> LoadedModel:
+def compute_dtype(device, export_dtype: str):
+    """fp32 on CPU (exact statistics, and bf16 matmuls are not faster on most CPUs); the 16-bit export dtype on CUDA.
+    Statistics are accumulated in fp32 and the pruning math runs in fp32 either way."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda" and export_dtype in ("bfloat16", "float16"):
+        return getattr(torch, export_dtype)
+    return torch.float32
+
+
+def load(source: ModelSource, device, trust_remote_code: bool = False, dtype=None) -> LoadedModel:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -219,9 +232,21 @@ def load(source: ModelSource, device, trust_remote_code: bool = False) -> Loaded
         model, tokenizer = build_tiny_llama()
     else:
         model, tokenizer = _load_transformers(source, trust_remote_code)
-    model = model.to(device=device, dtype=torch.float32).eval()
+    model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, decoder_blocks(model, trust_remote_code), device)
+
+
+def load_streaming(source: ModelSource, device, round_to: str, trust_remote_code: bool = False, dtype=None) -> LoadedModel:
+    """A meta-device skeleton whose blocks are read from the shards only while a stage uses them (stream.py)."""
+    from transformers.utils import logging as hf_logging
+
+    from absorbdeploy.stream import open_skeleton
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model, tokenizer, blocks, store = open_skeleton(source, device, round_to, trust_remote_code, dtype)
+    return LoadedModel(model, tokenizer, source, blocks, device, store)
 
 
 def _load_transformers(source: ModelSource, trust_remote_code: bool):

@@ -6,10 +6,11 @@ The run itself happens in `DIR.tmp/` and becomes `DIR/` only when complete.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from absorbdeploy import allocate, atomic, calibrate, data, load, prune, report, validate
+from absorbdeploy import allocate, atomic, calibrate, data, load, prune, report, stream, validate
 from absorbdeploy import exporters
 from absorbdeploy.recipe import Recipe, parse_nm, to_yaml
 from absorbdeploy.progress import Progress
@@ -75,16 +76,25 @@ def run(plan: Plan, progress: Progress) -> dict:
 
         with progress.stage("load", plan.source.name):
             device = load.resolve_device(r.device)
-            lm = load.load(plan.source, device, plan.trust_remote_code)
-            round_weights(lm.model, r.export.dtype)
-            facts = {"weights_sha256": load.weights_sha256(plan.source), "device": str(device)}
+            streaming, why = stream.decide(plan.source, r.streaming.mode, r.streaming.memory_budget_gb, device)
+            formats = _formats_for(plan, streaming)
+            dtype = load.compute_dtype(device, r.export.dtype)
+            if streaming:
+                progress.log(f"    streaming block by block: {why}")
+                lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
+                lm.store.writer = stream.ShardWriter(work / "vllm", stream.parse_size(r.export.max_shard_size))
+            else:
+                lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
+                round_weights(lm.model, r.export.dtype)
+            facts = {"weights_sha256": load.weights_sha256(plan.source), "device": str(device),
+                     "streaming": {"enabled": streaming, "why": why}}
 
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
             calib = data.calibration_windows(corpus, r.calibration.nsamples, r.calibration.seqlen, r.calibration.draw)
             evals = data.eval_windows(corpus, r.validate.seqlen, r.validate.eval_windows)
             _check_context(getattr(lm.model.config, "max_position_embeddings", None), max(r.calibration.seqlen, r.validate.seqlen))
-            dense_model = copy.deepcopy(lm.model)
+            dense_model = None if streaming else copy.deepcopy(lm.model)
 
         outcome = prune_model(lm, calib, r, progress, work)
         outcome.profile = None  # statistics and probe states are not needed past pruning
@@ -95,21 +105,26 @@ def run(plan: Plan, progress: Progress) -> dict:
             dtype=r.export.dtype, prunable=prunable_names(lm.model, lm.blocks), nm=parse_nm(r.prune.structure),
             max_shard_size=r.export.max_shard_size, onnx_sparse=r.export.onnx.sparse, onnx_opset=r.export.onnx.opset,
             onnx_dtype=r.export.onnx.dtype, onnx_kv_cache=r.export.onnx.kv_cache,
-            sidecar=report.sidecar(plan, facts, corpus, allocation),
+            sidecar=report.sidecar(plan, facts, corpus, allocation), streamed=lm.store.writer if streaming else None,
         )
-        with progress.stage("export", ", ".join(plan.formats)):
+        with progress.stage("export", ", ".join(formats)):
             artefacts = {}
-            for fmt in plan.formats:
-                artefacts[fmt] = exporters.get(fmt).export(lm.model, lm.tokenizer, work / fmt, spec)
+            for fmt in formats:  # in streaming mode vllm/ comes first: the other formats are converted from it
+                fmt_spec = spec if fmt == "vllm" or not streaming else dataclasses.replace(
+                    spec, streamed=None, checkpoint=str(work / "vllm"))
+                artefacts[fmt] = exporters.get(fmt).export(lm.model, lm.tokenizer, work / fmt, fmt_spec)
                 progress.log(f"    {fmt}: {artefacts[fmt].bytes / 2**20:.1f} MiB in {artefacts[fmt].seconds:.1f} s")
 
         with progress.stage("validate", f"{evals.shape[0]} x {evals.shape[1]} evaluation tokens"):
-            checks = validate.validate_exports(lm.model, dense_model, lm.tokenizer, artefacts, spec, evals, r,
-                                               work / ".baselines", progress)
+            _to_fp32(lm, dense_model)  # the reference for equality checks computes in fp32 (exact from 16-bit weights)
+            subjects = _subjects(lm, dense_model, r, work, streaming)
+            checks = validate.validate_exports(subjects, lm.tokenizer, artefacts, spec, evals, r, work / ".baselines",
+                                               progress)
 
         with progress.stage("report"):
             payload = report.build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefacts,
                                    progress.stages)
+            payload["streaming"] = facts["streaming"]
             report.write(work, payload)
         staging.commit()
     payload["output"] = str(plan.out)
@@ -128,12 +143,43 @@ class PruneOutcome:
     dense_pass: bool
 
 
+def _to_fp32(lm, dense_model) -> None:
+    import torch
+
+    for model in (lm.model, dense_model):
+        if model is not None and next(model.parameters()).dtype != torch.float32:
+            model.float()
+    if lm.store is not None:
+        lm.store.dtype = torch.float32
+        lm.model.float()
+
+
+def _formats_for(plan: Plan, streaming: bool) -> tuple[str, ...]:
+    """In streaming mode the vllm/ checkpoint is what the pruned blocks are written into, so it always comes first."""
+    if not streaming:
+        return plan.formats
+    return ("vllm",) + tuple(f for f in plan.formats if f != "vllm")
+
+
+def _subjects(lm, dense_model, r: Recipe, work: Path, streaming: bool) -> validate.Subjects:
+    from absorbdeploy.runners import TorchRunner
+
+    batch = r.calibration.batch_size
+    dense_bytes = {f: validate.dense_weight_bytes(lm.model, r.export.onnx.dtype if f == "onnx" else r.export.dtype)
+                   for f in exporters.FORMATS}
+    if streaming:
+        return validate.Subjects(stream.StreamedRunner(lm, work / "vllm", batch), stream.StreamedRunner(lm, None, batch),
+                                 lm.model.config.vocab_size, dense_checkpoint=Path(lm.source.path), dense_bytes=dense_bytes)
+    return validate.Subjects(TorchRunner(lm.model, batch), TorchRunner(dense_model, batch), lm.model.config.vocab_size,
+                             pruned_model=lm.model, dense_model=dense_model, dense_bytes=dense_bytes)
+
+
 def prune_model(lm, calib, r: Recipe, progress: Progress, work: Path | None = None, profile=None) -> PruneOutcome:
     """calibrate -> allocate -> absorb -> prune, in place on lm.model. A cached dense `profile` may be passed in."""
     nm = parse_nm(r.prune.structure)
     if nm is not None:
         _check_nm_shapes(lm.blocks, nm)
-    runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size)
+    runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size, store=lm.store)
     dense_stats = r.calibration.statistics == "dense" and prune.needs_statistics(r.prune)
     needs_profile = r.allocation.method in allocate.NEEDS_ACTIVATIONS or r.absorption.enabled or dense_stats
     with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"
@@ -146,7 +192,7 @@ def prune_model(lm, calib, r: Recipe, progress: Progress, work: Path | None = No
     params = [sum(s) for s in prune.matrix_sizes(lm.blocks)]
     target = r.prune.sparsity
     with progress.stage("allocate", r.allocation.method):
-        scores = allocate.block_scores(r.allocation.method, lm.blocks, profile.stats if profile else None, r.allocation)
+        scores = allocate.block_scores(r.allocation.method, runner, profile.stats if profile else None, r.allocation)
         base = allocate.base_allocation(r.allocation.method, scores, params, target, r.allocation)
 
     with progress.stage("absorb", "enabled" if r.absorption.enabled else "disabled"):
@@ -159,10 +205,11 @@ def prune_model(lm, calib, r: Recipe, progress: Progress, work: Path | None = No
     with progress.stage("prune", f"{r.prune.method} {r.prune.structure}, {r.calibration.statistics} statistics"):
         counts = prune.plan_counts(lm.blocks, final, target)
         if not prune.needs_statistics(r.prune) or r.calibration.statistics == "dense":
-            records = prune.prune_from_profile(lm.blocks, profile.stats if profile else None, counts, r.prune,
-                                               progress.blocks("prune"))
+            records = prune.prune_from_profile(runner, profile.stats if profile else None, counts, r.prune,
+                                               progress.blocks("prune"), r.export.dtype)
         else:
-            records = prune.prune_sequential(runner, calib, counts, r.prune, progress.blocks("sequential prune"))
+            records = prune.prune_sequential(runner, calib, counts, r.prune, progress.blocks("sequential prune"),
+                                             r.export.dtype)
         round_weights(lm.model, r.export.dtype)
     return PruneOutcome(params, scores, base, final, absorption, records, profile, needs_profile)
 
@@ -188,7 +235,7 @@ def analyze(plan: Plan, progress: Progress) -> dict:
                                               (r.absorption.probe_samples, r.absorption.probe_seqlen), progress.blocks("dense pass"))
         params = [sum(s) for s in prune.matrix_sizes(lm.blocks)]
         with progress.stage("allocate", r.allocation.method):
-            scores = allocate.block_scores(r.allocation.method, lm.blocks, profile.stats, r.allocation)
+            scores = allocate.block_scores(r.allocation.method, runner, profile.stats, r.allocation)
             base = allocate.base_allocation(r.allocation.method, scores, params, r.prune.sparsity, r.allocation)
         with progress.stage("absorb", "probe at every block, three eps, Gaussian control"):
             result = absorb.analyze(runner, profile, base, params, r, progress)
@@ -236,7 +283,13 @@ def revalidate(directory: Path, progress: Progress) -> dict:
     artefacts = {f: exporters.Artifact(f, str(folder / f), exporters.list_files(folder / f),
                                        old["artefacts"].get(f, {}).get("export_seconds", 0.0)) for f in formats}
     with progress.stage("validate", f"{evals.shape[0]} x {evals.shape[1]} evaluation tokens"):
-        checks = validate.validate_exports(reference, lm.model, lm.tokenizer, artefacts, spec, evals, r,
+        from absorbdeploy.runners import TorchRunner
+
+        batch = r.calibration.batch_size
+        subjects = validate.Subjects(TorchRunner(reference, batch), TorchRunner(lm.model, batch), lm.model.config.vocab_size,
+                                     pruned_model=reference, dense_model=lm.model,
+                                     dense_bytes={f: old["artefacts"].get(f, {}).get("dense_bytes") for f in formats})
+        checks = validate.validate_exports(subjects, lm.tokenizer, artefacts, spec, evals, r,
                                            folder.with_name(folder.name + ".validate.tmp"), progress)
     payload = {**old, **report.validation_sections(checks, artefacts, r.export.dtype), "revalidated": report._now()}
     report.write(folder, payload)

@@ -87,28 +87,35 @@ def needs_statistics(cfg: Prune) -> bool:
     return cfg.method != "magnitude"
 
 
-def prune_sequential(runner: BlockRunner, windows, plan, cfg: Prune, progress=None) -> list[MatrixRecord]:
-    """The anchors' protocol: block l is calibrated on the outputs of the pruned blocks before it."""
+def prune_sequential(runner: BlockRunner, windows, plan, cfg: Prune, progress=None, commit_dtype: str | None = None) -> list[MatrixRecord]:
+    """The anchors' protocol: block l is calibrated on the outputs of the pruned blocks before it. In streaming mode
+    each pruned block is written to the output shards (in `commit_dtype`) before it is released."""
     records = []
     with_hessian = cfg.method == "sparsegpt"
     hidden = runner.embed(windows)
-    for index, block in enumerate(runner.blocks):
-        _, stats = collect_stats(runner, block, hidden, with_hessian)
-        records += prune_block(index, block, stats, plan[index], cfg)
-        del stats
-        if index + 1 < len(runner.blocks):
-            hidden = runner.run(block, hidden)
+    for index in range(len(runner.blocks)):
+        with runner.block(index) as block:
+            _, stats = collect_stats(runner, block, hidden, with_hessian)
+            records += prune_block(index, block, stats, plan[index], cfg)
+            del stats
+            if runner.store is not None:
+                runner.store.commit(index, commit_dtype)
+            if index + 1 < len(runner.blocks):
+                hidden = runner.run(block, hidden)
         if progress:
             progress.advance(index + 1, len(runner.blocks))
     return records
 
 
-def prune_from_profile(blocks, profile_stats, plan, cfg: Prune, progress=None) -> list[MatrixRecord]:
+def prune_from_profile(runner: BlockRunner, profile_stats, plan, cfg: Prune, progress=None, commit_dtype: str | None = None) -> list[MatrixRecord]:
     records = []
-    for index, block in enumerate(blocks):
-        records += prune_block(index, block, profile_stats[index] if profile_stats else None, plan[index], cfg)
+    for index in range(len(runner.blocks)):
+        with runner.block(index) as block:
+            records += prune_block(index, block, profile_stats[index] if profile_stats else None, plan[index], cfg)
+            if runner.store is not None:
+                runner.store.commit(index, commit_dtype)
         if progress:
-            progress.advance(index + 1, len(blocks))
+            progress.advance(index + 1, len(runner.blocks))
     return records
 
 

@@ -23,24 +23,27 @@ class Reference:
     ppl: float
 
 
-def reference(model, windows, compare_windows: int, batch_size: int) -> Reference:
-    import torch
+@dataclass
+class Subjects:
+    """What validation compares the artefacts with. In streaming mode there is no in-memory model: the runners stream
+    block by block, the dense vLLM baseline is the source checkpoint itself, and torch latency is not measured."""
 
-    runner = TorchRunner(model, batch_size)
-    lps, tops, kept = [], [], None
-    # The first batch is exactly the compared windows, so a runtime given the same batch can match bit for bit.
+    reference: Runner  # the pruned model with the export dtype's weights, fp32 compute
+    dense: Runner  # the dense model, same rounding
+    vocab: int
+    pruned_model: object | None = None
+    dense_model: object | None = None
+    dense_checkpoint: object | None = None  # a dense HF directory vLLM can serve as the baseline
+    dense_bytes: dict = None  # format -> bytes of the dense model in that format's dtype
+
+
+def reference(runner: Runner, windows, compare_windows: int) -> Reference:
+    """Scores of every window plus full logits of the first `compare_windows` (computed as one batch, so that a runtime
+    given the same batch can match bit for bit)."""
+    scores = runner.score(windows)
     first = min(compare_windows, windows.shape[0])
-    bounds = ([(0, first)] if first else []) + [(s, min(s + batch_size, windows.shape[0])) for s in range(first, windows.shape[0], batch_size)]
-    for start, stop in bounds:
-        batch = windows[start:stop]
-        logits = runner.logits(batch)
-        lps.append(target_logprobs(logits, batch))
-        tops.append(logits[:, :-1].argmax(-1))
-        if start == 0 and first:
-            kept = logits
-        del logits
-    lp = torch.cat(lps)
-    return Reference(lp, torch.cat(tops), kept, perplexity(lp))
+    logits = runner.logits(windows[:first]).float() if first else None
+    return Reference(scores.target_logprobs, scores.top1, logits, perplexity(scores.target_logprobs))
 
 
 def compare(runner: Runner, ref: Reference, windows) -> dict:
@@ -125,54 +128,49 @@ def _max_len(recipe) -> int:
     return max(recipe.validate.seqlen, lat.prompt_len + lat.new_tokens) + 8
 
 
-def validate_exports(model, dense_model, tokenizer, artefacts: dict, spec, windows, recipe, workdir, progress) -> dict:
+def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windows, recipe, workdir, progress) -> dict:
     """Reload every artefact in its runtime and score it; with latency on, also score and time the dense model there.
 
     Order matters: runtimes start first (a vLLM engine takes ~30 s and warms up while torch computes the reference),
     and all timing happens after every engine is up, so no start-up competes with a timed run.
     """
-    import dataclasses
     import shutil
 
-    from absorbdeploy import exporters
-
     v = recipe.validate
-    batch, vocab, seed = recipe.calibration.batch_size, model.config.vocab_size, recipe.calibration.seed
+    seed = recipe.calibration.seed
     runners, dense_runners, results = {}, {}, {}
-    dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"})
     try:
         for fmt, artefact in artefacts.items():
             try:
+                if fmt == "compressed-safetensors" and subjects.pruned_model is None:
+                    continue  # streaming: compared tensor by tensor below, never loaded whole
                 runners[fmt] = _load(fmt, artefact.path, recipe)
                 if v.latency.enabled and OWN_RUNTIME[fmt] != "torch":
-                    baseline = exporters.get(fmt).export(dense_model, tokenizer, workdir / fmt, dense_spec)
-                    dense_runners[fmt] = (_load(fmt, baseline.path, recipe), baseline.bytes)
+                    baseline = _dense_baseline(fmt, subjects, tokenizer, spec, workdir)
+                    if baseline is not None:
+                        dense_runners[fmt] = (_load(fmt, baseline[0], recipe), baseline[1])
             except Exception as e:
                 results[fmt] = _failure(fmt, e)
-        ref = reference(model, windows, v.compare_windows, batch)
-        dense_torch = TorchRunner(dense_model, batch)
-        dense_ppl = perplexity(dense_torch.score(windows).target_logprobs)
+        ref = reference(subjects.reference, windows, v.compare_windows)
+        dense_ppl = perplexity(subjects.dense.score(windows).target_logprobs)
         runtimes = {"torch": {"dense_ppl": dense_ppl, "sparse_ppl": ref.ppl, "ppl_ratio": ref.ppl / dense_ppl}}
         progress.log(f"    torch: dense PPL {dense_ppl:.3f}, pruned PPL {ref.ppl:.3f}")
-        for fmt, runner in runners.items():
+        for fmt in artefacts:
+            if fmt in results:
+                continue
             try:
-                result = {"runtime": runner.runtime, **compare(runner, ref, windows)}
-                result["audit"] = exporters.get(fmt).describe(artefacts[fmt].path)["audit"]
-                result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
-                if fmt in dense_runners:
-                    result["dense_ppl"] = perplexity(dense_runners[fmt][0].score(windows).target_logprobs)
-                    result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense_runners[fmt][1]
-                    runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
-                result["ppl_ratio"] = result["ppl"] / result["dense_ppl"]
-                runtimes.get(runner.runtime, {})["ppl_ratio"] = result["ppl_ratio"]
+                results[fmt] = _score_artefact(fmt, runners.get(fmt), artefacts, ref, windows, dense_ppl, dense_runners,
+                                               runtimes)
             except Exception as e:
-                result = _failure(fmt, e)
-            results[fmt] = result
+                results[fmt] = _failure(fmt, e)
         if v.latency.enabled:
-            runtimes["torch"]["latency"] = time_pair(dense_torch, TorchRunner(model, batch), vocab, v.latency, seed)
+            if subjects.pruned_model is not None:
+                batch = recipe.calibration.batch_size
+                runtimes["torch"]["latency"] = time_pair(TorchRunner(subjects.dense_model, batch),
+                                                         TorchRunner(subjects.pruned_model, batch), subjects.vocab, v.latency, seed)
             for fmt, (dense_runner, _) in dense_runners.items():
                 if "error" not in results[fmt]:
-                    runtimes[runners[fmt].runtime]["latency"] = time_pair(dense_runner, runners[fmt], vocab, v.latency, seed)
+                    runtimes[runners[fmt].runtime]["latency"] = time_pair(dense_runner, runners[fmt], subjects.vocab, v.latency, seed)
     finally:
         for r in [*runners.values(), *(d for d, _ in dense_runners.values())]:
             r.close()
@@ -187,24 +185,61 @@ def validate_exports(model, dense_model, tokenizer, artefacts: dict, spec, windo
     ordered = {f: results[f] for f in artefacts}
     from absorbdeploy import zeroshot
 
-    zero_shot = zeroshot.compare(dense_model, model, tokenizer, v.zero_shot)
+    if subjects.pruned_model is not None:
+        zero_shot = zeroshot.compare(subjects.dense_model, subjects.pruned_model, tokenizer, v.zero_shot)
+    else:
+        zero_shot = {"status": "skipped", "reason": "streaming mode: the model is never whole in memory"}
     return {"dense_ppl": dense_ppl, "reference_ppl": ref.ppl, "artefacts": ordered, "runtimes": runtimes,
             "gates": gate_verdicts(v.gates, ordered), "device": device_description(), "zero_shot": zero_shot,
-            "dense_bytes": {f: dense_weight_bytes(dense_model, spec.onnx_dtype if f == "onnx" else spec.dtype) for f in artefacts}}
+            "dense_bytes": subjects.dense_bytes or {}}
+
+
+def _dense_baseline(fmt: str, subjects: Subjects, tokenizer, spec, workdir):
+    """(path, bytes) of the dense model in this format, or None where there is none to time against."""
+    import dataclasses
+
+    from absorbdeploy import exporters
+
+    if subjects.dense_model is not None:
+        dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"}, streamed=None, checkpoint=None)
+        artefact = exporters.get(fmt).export(subjects.dense_model, tokenizer, workdir / fmt, dense_spec)
+        return artefact.path, artefact.bytes
+    if fmt == "vllm" and subjects.dense_checkpoint is not None:
+        files = exporters.list_files(subjects.dense_checkpoint)
+        return str(subjects.dense_checkpoint), sum(files.values())
+    return None
+
+
+def _score_artefact(fmt, runner, artefacts, ref, windows, dense_ppl, dense_runners, runtimes) -> dict:
+    from absorbdeploy import exporters
+
+    module = exporters.get(fmt)
+    if runner is None:  # streaming: the archive is decoded shard by shard and compared with vllm/ tensor by tensor
+        exact = module.matches_checkpoint(artefacts[fmt].path, artefacts["vllm"].path)
+        result = {"runtime": "decoder (tensors vs vllm/)", "ppl": ref.ppl, "top1_agreement": 1.0 if exact else 0.0,
+                  "max_abs_logprob_diff": 0.0 if exact else float("inf"), "max_abs_logit_diff": 0.0 if exact else float("inf"),
+                  "logit_metric": "every decoded tensor bit-identical to vllm/ (the model is too large to run whole)"}
+    else:
+        result = {"runtime": runner.runtime, **compare(runner, ref, windows)}
+    result["audit"] = module.describe(artefacts[fmt].path)["audit"]
+    result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
+    if fmt in dense_runners:
+        result["dense_ppl"] = perplexity(dense_runners[fmt][0].score(windows).target_logprobs)
+        result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense_runners[fmt][1]
+        runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
+    result["ppl_ratio"] = result["ppl"] / result["dense_ppl"]
+    if runner is not None and runner.runtime in runtimes:
+        runtimes[runner.runtime]["ppl_ratio"] = result["ppl_ratio"]
+    return result
 
 
 def dense_weight_bytes(model, dtype: str) -> int:
-    """Bytes of every unique tensor in `dtype`: what a dense checkpoint of this model weighs (tied weights once)."""
+    """Bytes of every parameter in `dtype` (tied ones once): what a dense checkpoint of this model weighs. Works on a
+    meta-device skeleton too."""
     import torch
 
-    seen, total = set(), 0
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    for tensor in model.state_dict().values():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            total += tensor.numel() * itemsize
-    return total
+    return sum(p.numel() for p in model.parameters()) * itemsize
 
 
 def _failure(fmt: str, error: Exception) -> dict:

@@ -39,7 +39,7 @@ def run_case(h: Harness, base_method: str, pruner: str, sparsity: float, draw: i
     profile = calibrate.dense_profile(runner, calib, pruner == "sparsegpt",
                                       (r.absorption.probe_samples, r.absorption.probe_seqlen))
     params = [sum(s) for s in prune.matrix_sizes(h.lm.blocks)]
-    scores = allocate.block_scores(base_method, h.lm.blocks, profile.stats, r.allocation)
+    scores = allocate.block_scores(base_method, runner, profile.stats, r.allocation)
     base = allocate.base_allocation(base_method, scores, params, sparsity, r.allocation)
     needed = {d for d, _ in grid}
     eps = sorted({r.absorption.eps} | ({r.absorption.eps_small} if "margin" in needed else set()))

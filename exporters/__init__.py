@@ -39,6 +39,8 @@ class ExportSpec:
     onnx_dtype: str = "float32"
     onnx_kv_cache: bool = False
     sidecar: dict = field(default_factory=dict)  # allocation, provenance; written as absorbdeploy.json
+    streamed: object = None  # streaming mode: the ShardWriter that already holds every pruned block (vllm export)
+    checkpoint: str | None = None  # streaming mode: the finished vllm/ directory other formats convert from
 
 
 @dataclass
@@ -77,9 +79,12 @@ def get(name: str):
 
 
 def unique_state_dict(model, dtype) -> dict:
-    """The state dict on CPU in `dtype`, tied tensors (lm_head = embed_tokens) once, as save_pretrained stores them."""
+    """The state dict on CPU in `dtype`, tied tensors (lm_head = embed_tokens) once, as save_pretrained stores them.
+    Tensors still on the meta device (streamed blocks, already written) are skipped."""
     seen, result = set(), {}
     for name, tensor in model.state_dict().items():
+        if tensor.is_meta:
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:
             continue

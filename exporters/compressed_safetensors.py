@@ -13,7 +13,6 @@ whatever the tensor holds, so compressing a non-2:4 tensor would silently re-pru
 """
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -68,50 +67,35 @@ def decompress_24(parts: dict):
     return decompress_bitmask({"shape": parts["shape"], "bitmask": parts["bitmask"], "compressed": parts["compressed"].reshape(-1)})
 
 
-def _parse_size(text: str) -> int:
-    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(\w+)", text).groups()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
-    return int(float(number) * scale)
+def _source_tensors(model, spec: ExportSpec):
+    """(name, tensor) in the export dtype: from the model, or, in streaming mode, shard by shard from vllm/."""
+    import torch
 
+    if spec.checkpoint is None:
+        yield from unique_state_dict(model, getattr(torch, spec.dtype)).items()
+        return
+    from safetensors.torch import load_file
 
-def _shards(tensors: dict, limit: int) -> list[dict]:
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    return shards + [current] if current else shards
+    for file in sorted(Path(spec.checkpoint).glob("*.safetensors")):
+        yield from load_file(str(file)).items()
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
-    import torch
-    from safetensors.torch import save_file
+    from absorbdeploy.stream import ShardWriter, parse_size
 
     start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
     codec = compress_24 if layout == "sparse-24-bitmask" else compress_bitmask
-    tensors = {}
+    writer = ShardWriter(out, parse_size(spec.max_shard_size))
     prunable = set(spec.prunable)
-    for name, t in unique_state_dict(model, getattr(torch, spec.dtype)).items():
+    for name, t in _source_tensors(model, spec):
         if name in prunable:
             module = name[: -len(".weight")]
-            tensors.update({f"{module}.{k}": v for k, v in codec(t).items()})
+            writer.add({f"{module}.{k}": v for k, v in codec(t).items()}, group=True)
         else:
-            tensors[name] = t.contiguous()
-    shards = _shards(tensors, _parse_size(spec.max_shard_size))
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / file, metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            writer.add({name: t})
+    writer.finish()
     config = model.config.to_dict()
     config["dtype"] = spec.dtype
     config["quantization_config"] = {
@@ -130,23 +114,45 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, [f"layout {layout} (compressed-tensors {LAYOUT_VERSION})"])
 
 
-def read_state_dict(out_dir) -> tuple[dict, str]:
-    """Decode every tensor back to dense; returns (state dict, layout)."""
+def _decoded_shards(out_dir):
+    """Yields {name: dense tensor} one shard at a time (a module's parts never straddle shards)."""
     from safetensors.torch import load_file
 
     config = json.loads((Path(out_dir) / "config.json").read_text())
     layout = config.get("quantization_config", {}).get("sparsity_config", {}).get("format")
     if layout not in ("sparse-bitmask", "sparse-24-bitmask"):
         raise UserError(f"{out_dir}/config.json has no sparse-bitmask sparsity_config; not a {FORMAT} export")
-    raw = {}
-    for file in sorted(Path(out_dir).glob("*.safetensors")):
-        raw.update(load_file(str(file)))
     decode = decompress_24 if layout == "sparse-24-bitmask" else decompress_bitmask
-    modules = sorted({k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")})
-    state = {k: v for k, v in raw.items() if not any(k.startswith(m + ".") and k[len(m) + 1 :] in
-                                                        ("shape", "compressed", "bitmask", "row_offsets") for m in modules)}
-    for m in modules:
-        state[f"{m}.weight"] = decode({k: raw[f"{m}.{k}"] for k in ("shape", "compressed", "bitmask") if f"{m}.{k}" in raw})
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        raw = load_file(str(file))
+        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
+        parts = {f"{m}.{p}" for m in modules for p in ("shape", "compressed", "bitmask", "row_offsets")}
+        decoded = {k: v for k, v in raw.items() if k not in parts}
+        for m in modules:
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in ("shape", "compressed", "bitmask") if f"{m}.{p}" in raw})
+        yield decoded, layout
+
+
+def matches_checkpoint(out_dir, checkpoint) -> bool:
+    """Decode shard by shard and compare every tensor bit for bit with a dense checkpoint (vllm/); constant memory."""
+    import torch
+
+    from absorbdeploy.stream import ShardIndex
+
+    index, seen = ShardIndex(Path(checkpoint)), 0
+    for decoded, _ in _decoded_shards(out_dir):
+        reference = index.read(list(decoded))
+        if any(not torch.equal(decoded[k], reference[k]) for k in decoded):
+            return False
+        seen += len(decoded)
+    return seen == len(index.map)
+
+
+def read_state_dict(out_dir) -> tuple[dict, str]:
+    """Decode every tensor back to dense; returns (state dict, layout)."""
+    state, layout = {}, None
+    for decoded, layout in _decoded_shards(out_dir):
+        state.update(decoded)
     return state, layout
 
 

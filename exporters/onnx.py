@@ -112,12 +112,16 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = model
-    if spec.onnx_dtype != "float32":
-        import copy
+    if spec.checkpoint is not None:  # streaming: ONNX tracing needs the whole model, read once from vllm/
+        from transformers import AutoModelForCausalLM
 
-        source = copy.deepcopy(model).to(getattr(torch, spec.onnx_dtype))
+        source = AutoModelForCausalLM.from_pretrained(spec.checkpoint, dtype=torch.float32).eval()
+    first = next(source.parameters())
+    if spec.onnx_dtype != "float32" or first.dtype != torch.float32 or first.device.type != "cpu":
+        import copy  # onnxruntime runs the graph on its own device: trace a CPU copy in the ONNX dtype
+
+        source = copy.deepcopy(source).to("cpu", getattr(torch, spec.onnx_dtype))
     proto = _to_graph(source, spec.onnx_opset)
-    del source
     proto.ir_version = min(proto.ir_version, 10)  # onnxruntime >= 1.20 reads IR 10; newer onnx defaults are refused
     names, notes = _sparsify(proto, spec)
     dense_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
@@ -130,7 +134,8 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     if external:
         notes.append(f"dense weights in external data {DATA_FILE}")
     if spec.onnx_kv_cache:
-        notes.append(_export_kv_pair(model, out, spec.onnx_opset))
+        notes.append(_export_kv_pair(source, out, spec.onnx_opset))
+    del source
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
 
 

@@ -31,10 +31,16 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # A converted copy of the state dict: casting the model itself would also round its rotary buffers.
-    state = unique_state_dict(model, getattr(torch, spec.dtype))
-    model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
-    del state
+    if spec.streamed is not None:  # streaming: the pruned blocks are already in the shards; add the rest, then index
+        spec.streamed.add(unique_state_dict(model, getattr(torch, spec.dtype)))
+        spec.streamed.finish()
+        model.config.to_json_file(out / "config.json")
+        model.generation_config.save_pretrained(out)
+    else:
+        # A converted copy of the state dict: casting the model itself would also round its rotary buffers.
+        state = unique_state_dict(model, getattr(torch, spec.dtype))
+        model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
+        del state
     tokenizer.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     config["dtype"] = spec.dtype  # what `vllm serve DIR` and from_pretrained(dtype="auto") will use

@@ -98,3 +98,12 @@ def test_resolved_yaml_is_complete_and_safe():
     data = yaml.safe_load(text)
     assert data["version"] == 1 and set(data) == {f.name for f in dataclasses.fields(rc.Recipe)}
     assert "!!python" not in text
+
+
+def test_yaml_12_scalars():
+    r = rc.override(rc.Recipe(), "streaming.mode=on")
+    assert r.streaming.mode == "on"
+    r = rc.from_yaml_text("version: 1\nprune: {structure: 2:4, sparsity: 0.5}\nallocation: {method: uniform}\n"
+                          "validate: {gates: {max_abs_logit_diff: 1e-3}}\n", "yaml-1.2")
+    assert r.prune.structure == "2:4" and r.validate.gates.max_abs_logit_diff == 0.001
+    assert rc.override(r, "absorption.enabled=true").absorption.enabled is True

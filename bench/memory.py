@@ -1,0 +1,183 @@
+"""Peak memory while pruning, in memory vs streaming, as the model grows (issue 10).
+
+Models: SmolLM2-135M saved as an fp32 safetensors directory, and random Llamas of growing size written to disk as
+safetensors (about 0.8, 2.6 and 7.9 GB in fp32). Each (model, mode) runs in a fresh subprocess: load, then calibrate +
+allocate + prune with uniform Wanda 50 % (sequential protocol, in streaming mode writing each pruned block to bf16
+shards). Reported: peak RSS during the prune stages and over the whole process (sampled every 50 ms), wall time, and
+for SmolLM2 whether both modes give bit-identical pruned weights and the streaming / in-memory time ratio.
+
+    .venv/bin/python bench/memory.py [--sizes small,medium,large] [--keep-models DIR]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, table, write
+
+SYNTHETIC = {  # name -> LlamaConfig overrides (untied embeddings, vocab 32000)
+    "synthetic-0.8GB": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16),
+    "synthetic-2.6GB": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=10, num_attention_heads=16),
+    "synthetic-7.9GB": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=36, num_attention_heads=16),
+}
+
+
+def make_models(folder: Path, names) -> dict[str, Path]:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from absorbdeploy import load
+
+    models = {}
+    smol = folder / "smollm2-fp32"
+    if not smol.exists():
+        lm = load.load(load.resolve_source(None), torch.device("cpu"))
+        lm.model.save_pretrained(smol)
+        lm.tokenizer.save_pretrained(smol)
+        del lm
+    models["SmolLM2-135M"] = smol
+    from absorbdeploy.tiny import byte_tokenizer
+
+    for name in names:
+        path = folder / name
+        if not path.exists():
+            config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                                 **SYNTHETIC[name])
+            torch.manual_seed(0)
+            with torch.device("cpu"):
+                model = LlamaForCausalLM(config)
+            model.save_pretrained(path, max_shard_size="2GB")
+            byte_tokenizer().save_pretrained(path)
+            del model
+        models[name] = path
+    return models
+
+
+def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> None:
+    """One measurement, in its own process: prints a JSON line."""
+    import torch
+
+    from absorbdeploy import load, pipeline, stream
+    from absorbdeploy.progress import Progress, _PeakRSS
+    from absorbdeploy.recipe import Recipe, override
+
+    process_peak = _PeakRSS()
+    r = Recipe()
+    for a in (f"calibration.nsamples={nsamples}", f"calibration.seqlen={seqlen}", "allocation.method=uniform",
+              "prune.method=wanda", "prune.sparsity=0.5", f"streaming.mode={mode}", "export.dtype=bfloat16"):
+        r = override(r, a)
+    source = load.resolve_source(model_dir)
+    start = time.perf_counter()
+    if mode == "on":
+        lm = load.load_streaming(source, torch.device("cpu"), "bfloat16")
+        lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.parse_size("2GB"))
+    else:
+        lm = load.load(source, torch.device("cpu"))
+        pipeline.round_weights(lm.model, "bfloat16")
+    loaded = time.perf_counter() - start
+    from absorbdeploy import data
+
+    corpus = data.build_corpus(lm.tokenizer, None, None)
+    calib = data.calibration_windows(corpus, nsamples, seqlen)
+    progress = Progress(9, quiet=True)
+    outcome = pipeline.prune_model(lm, calib, r, progress)
+    pruning = time.perf_counter() - start - loaded
+    prune_peak = max(progress.stages[s]["peak_rss_mb"] for s in ("calibrate", "allocate", "prune"))
+    peak = process_peak.stop() / 2**20  # before the in-memory path makes its bf16 copy to write the shards
+    if mode == "on":
+        lm.store.writer.finish()
+    else:
+        from absorbdeploy.exporters import unique_state_dict
+        from absorbdeploy.stream import ShardWriter
+
+        writer = ShardWriter(Path(out) / "vllm", stream.parse_size("2GB"))
+        writer.add(unique_state_dict(lm.model, torch.bfloat16))
+        writer.finish()
+    zeros = sum(r.zeros for r in outcome.records)
+    print(json.dumps({"mode": mode, "load_s": loaded, "prune_s": pruning, "prune_peak_rss_mb": prune_peak,
+                      "process_peak_rss_mb": peak, "zeros": zeros,
+                      "block_reads": lm.store.reads if lm.store else None}))
+
+
+def bit_identical(a: Path, b: Path) -> bool:
+    import torch
+
+    from absorbdeploy.stream import ShardIndex
+
+    ia, ib = ShardIndex(a), ShardIndex(b)
+    if set(ia.map) != set(ib.map):
+        return False
+    return all(torch.equal(ta, ib.read([k])[k]) for k in ia.map for ta in [ia.read([k])[k]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", nargs=5, metavar=("MODEL", "MODE", "OUT", "NSAMPLES", "SEQLEN"))
+    parser.add_argument("--sizes", default=",".join(SYNTHETIC))
+    parser.add_argument("--models", default="/tmp/absorbdeploy-memory-models", help="where the models are written")
+    args = parser.parse_args()
+    if args.worker:
+        m, mode, out, n, t = args.worker
+        worker(m, mode, out, int(n), int(t))
+        return
+    models = make_models(Path(args.models), [s for s in args.sizes.split(",") if s])
+    rows, raw = [], []
+    for name, path in models.items():
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        nsamples, seqlen = (32, 512) if name.startswith("SmolLM2") else (4, 128)
+        results = {}
+        for mode in ("off", "on"):
+            out = Path(args.models) / f"out-{name}-{mode}"
+            shutil.rmtree(out, ignore_errors=True)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(path), mode, str(out), str(nsamples), str(seqlen)],
+                                  capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-3000:])
+            results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        same = bit_identical(Path(args.models) / f"out-{name}-off" / "vllm", Path(args.models) / f"out-{name}-on" / "vllm")
+        raw.append({"model": name, "weights_bytes": size, "calibration": [nsamples, seqlen], **results, "bit_identical": same})
+        off, on = results["off"], results["on"]
+        rows.append({"model": name, "fp32 on disk": f"{size / 2**30:.2f} GiB",
+                     "in-memory peak (prune)": f"{off['prune_peak_rss_mb'] / 1024:.2f} GiB",
+                     "streaming peak (prune)": f"{on['prune_peak_rss_mb'] / 1024:.2f} GiB",
+                     "in-memory peak (process)": f"{off['process_peak_rss_mb'] / 1024:.2f} GiB",
+                     "streaming peak (process)": f"{on['process_peak_rss_mb'] / 1024:.2f} GiB",
+                     "time ratio stream/mem": f"{(on['load_s'] + on['prune_s']) / (off['load_s'] + off['prune_s']):.2f}",
+                     "bit-identical": same})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    print()
+    print(table(rows, list(rows[0])))
+    plot(raw, RESULTS / "memory.png")
+    print(f"plot: {RESULTS / 'memory.png'}")
+    print(f"written to {write('memory', {'runs': raw})}")
+
+
+def plot(raw, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(exist_ok=True)
+    xs = [r["weights_bytes"] / 2**30 for r in raw]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r["off"]["process_peak_rss_mb"] / 1024 for r in raw], "o-", label="in memory (process peak)")
+    ax.plot(xs, [r["on"]["process_peak_rss_mb"] / 1024 for r in raw], "s-", label="streaming (process peak)")
+    ax.plot(xs, xs, ":", color="grey", label="model size (fp32)")
+    ax.set_xlabel("model weights on disk, fp32 (GiB)")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title("peak memory while pruning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
