@@ -67,6 +67,13 @@ class BlockRunner:
             self._kwargs[key] = self._capture(torch.zeros(batch, seqlen, dtype=torch.long))[1]
         return self._kwargs[key]
 
+    def _buffer(self, like):
+        """Activations stay off the accelerator; on CUDA in pinned memory, so the copies overlap with compute."""
+        import torch
+
+        return torch.empty(like.shape, dtype=torch.float32, device=self.storage,
+                           pin_memory=self.device.type == "cuda" and self.storage.type == "cpu")
+
     def embed(self, windows):
         """The input of block 0 for each window: Tensor [n, T, d] on `storage`, in fp32."""
         import torch
@@ -76,13 +83,14 @@ class BlockRunner:
             hidden, kwargs = self._capture(ids)
             self._kwargs.setdefault(tuple(ids.shape), kwargs)
             parts.append(hidden.to(self.storage, torch.float32))
-        return torch.cat(parts)
+        out = self._buffer(torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], device="meta"))
+        return torch.cat(parts, out=out)
 
     def run(self, block, hidden, batch_size: int | None = None):
         """block(hidden) in micro-batches; returns fp32 on `storage`."""
         import torch
 
-        out = torch.empty_like(hidden)
+        out = self._buffer(hidden)
         step = batch_size or self.batch_size
         with torch.no_grad():
             for start in range(0, hidden.shape[0], step):
@@ -161,7 +169,7 @@ def collect_stats(runner: BlockRunner, block, hidden, with_hessian: bool):
     import torch
 
     hooks = _StatsHooks(block, with_hessian)
-    out = torch.empty_like(hidden)
+    out = runner._buffer(hidden)
     try:
         for start in range(0, hidden.shape[0], runner.batch_size):
             hooks.next_batch()

@@ -224,12 +224,19 @@ def analyze(plan: Plan, progress: Progress) -> dict:
         work = staging.path
         (work / "recipe.resolved.yaml").write_text(to_yaml(r))
         with progress.stage("load", plan.source.name):
-            lm = load.load(plan.source, load.resolve_device(r.device), plan.trust_remote_code)
-            round_weights(lm.model, r.export.dtype)
+            device = load.resolve_device(r.device)
+            streaming, why = stream.decide(plan.source, r.streaming.mode, r.streaming.memory_budget_gb, device)
+            dtype = load.compute_dtype(device, r.export.dtype)
+            if streaming:
+                progress.log(f"    streaming block by block: {why}")
+                lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
+            else:
+                lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
+                round_weights(lm.model, r.export.dtype)
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
             calib = data.calibration_windows(corpus, r.calibration.nsamples, r.calibration.seqlen, r.calibration.draw)
-        runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size)
+        runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size, store=lm.store)
         with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"):
             profile = calibrate.dense_profile(runner, calib, r.prune.method == "sparsegpt",
                                               (r.absorption.probe_samples, r.absorption.probe_seqlen), progress.blocks("dense pass"))

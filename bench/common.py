@@ -58,8 +58,9 @@ class Harness:
             self._dense_ppl = self.ppl()
         return self._dense_ppl
 
-    def run(self, r: Recipe, eval_windows=None) -> dict:
-        """Prune a fresh copy of the dense weights with recipe `r`; returns PPL, realised sparsity and stage times."""
+    def run(self, r: Recipe, eval_windows=None, selection=None) -> dict:
+        """Prune a fresh copy of the dense weights with recipe `r`; returns PPL (and selection-split PPL when
+        `selection` windows are given), realised sparsity and stage times."""
         self.reset()
         progress = Progress(9, quiet=True)
         key = (r.calibration.draw, r.calibration.nsamples, r.prune.method == "sparsegpt" and r.absorption.enabled,
@@ -70,7 +71,8 @@ class Harness:
         if outcome.profile is not None:
             self.profiles[key] = outcome.profile
         zeros, total = prune.realised_sparsity(self.lm.blocks)
-        return {"ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == round(r.prune.sparsity * total),
+        result = {"selection_ppl": self.ppl(selection)} if selection is not None else {}
+        return {**result, "ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == round(r.prune.sparsity * total),
                 "seconds": seconds, "stages": {k: v["seconds"] for k, v in progress.stages.items()},
                 "final": outcome.final, "base": outcome.base, "absorption": outcome.absorption}
 

@@ -136,3 +136,19 @@ def test_onnx_kv_cache_pair_decodes_like_torch(tmp_path):
     with module.load(artefact.path) as runner:
         timing = runner.generate(prompt, 6)
     assert timing.decode_s is not None and timing.tokens == expected
+
+
+@pytest.mark.skipif("onnx" not in INSTALLED, reason="onnx extra not installed")
+def test_onnx_external_data_path_reloads(tmp_path, monkeypatch):
+    """Large models put dense weights in model.onnx.data; force that path on the tiny model and reload it."""
+    import onnx
+
+    module = exporters.get("onnx")
+    monkeypatch.setattr(module, "EXTERNAL_DATA_ABOVE", 0)
+    model, tokenizer, spec = pruned_tiny("float32")
+    artefact = module.export(model, tokenizer, tmp_path / "o", spec)
+    assert "model.onnx.data" in artefact.files and artefact.files["model.onnx.data"] > artefact.files["model.onnx"]
+    onnx.checker.check_model(str(tmp_path / "o" / "model.onnx"))
+    with module.load(artefact.path) as runner:
+        assert (runner.logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4
+    assert module.describe(artefact.path)["audit"]["sparsity"] == 0.5
