@@ -120,7 +120,7 @@ class _Pruned:
 
 
 def probe(runner, profile, sparsities, recipe, eps_values, composed: bool, progress=None) -> dict:
-    """Drift curves for every injection block at each eps (and the composed gains), in ONE pass over the blocks.
+    """Drift curves for every injection block at each eps in ONE pass over the blocks, then the composed gains.
 
     Block-major: when block k is loaded, it advances every trajectory injected before k, then block k's own pruning
     error is injected. Each block is read once, which is what streaming mode needs; the live trajectories (n_blocks x
@@ -132,7 +132,7 @@ def probe(runner, profile, sparsities, recipe, eps_values, composed: bool, progr
     n = len(runner.blocks)
     curves = {eps: [{"rel": {}, "cos": {}, "abs": {}} for _ in range(n)] for eps in eps_values}
     live: list[tuple[int, float, object]] = []
-    trajectory, logs, forwards = states[0], [0.0], 0
+    counter = {"forwards": 0}
     generator = torch.Generator().manual_seed(recipe.calibration.seed)
     start = time.perf_counter()
 
@@ -141,35 +141,41 @@ def probe(runner, profile, sparsities, recipe, eps_values, composed: bool, progr
         row = curves[eps][l]
         row["rel"][k], row["cos"][k], row["abs"][k] = rel, cos, ab_
 
-    for k in range(n):
-        with runner.block(k) as block:
-            if live:
-                advanced = runner.run(block, torch.cat([h for _, _, h in live]))
-                forwards += len(live)
-                live = [(l, eps, h) for (l, eps, _), h in zip(live, advanced.split(states[0].shape[0]))]
-                for l, eps, h in live:
-                    record(l, eps, h, k)
-            with _Pruned(block, profile.stats[k], sparsities[k], cfg) as pruned:
-                delta = runner.run(pruned, states[k]) - states[k + 1]
-                following = runner.run(pruned, trajectory) if composed else None
-            forwards += 2 if composed else 1
-            if composed and k > 0:
-                r_in = token_metrics(trajectory, states[k], ab.skip_tokens)[0]
-                r_out = token_metrics(runner.run(block, trajectory), states[k + 1], ab.skip_tokens)[0]
-                logs.append(math.log(max(r_out, 1e-300) / max(r_in, 1e-300)))
-                forwards += 1
-            trajectory = following
-        if ab.perturbation == "gaussian":  # the control: isotropic noise with the same per-token norm
-            noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
-            delta = noise * (delta.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-30))
-        for eps in eps_values:
-            injected = states[k + 1] + eps * delta
-            record(k, eps, injected, k)
-            if k + 1 < n:
-                live.append((k, eps, injected))
-        if progress:
-            progress.advance(k + 1, n)
-    return {"curves": curves, "composed_logs": logs if composed else None, "block_forwards": forwards,
+    def block_fn(k, pruned: bool):
+        def fn(hidden):
+            counter["forwards"] += hidden.shape[0] // states[0].shape[0]
+            with runner.block(k) as block:
+                if not pruned:
+                    return runner.run(block, hidden)
+                with _Pruned(block, profile.stats[k], sparsities[k], cfg) as pruned_block:
+                    return runner.run(pruned_block, hidden)
+        return fn
+
+    if eps_values:
+        for k in range(n):
+            with runner.block(k) as block:
+                if live:
+                    advanced = runner.run(block, torch.cat([h for _, _, h in live]))
+                    counter["forwards"] += len(live)
+                    live = [(l, eps, h) for (l, eps, _), h in zip(live, advanced.split(states[0].shape[0]))]
+                    for l, eps, h in live:
+                        record(l, eps, h, k)
+                with _Pruned(block, profile.stats[k], sparsities[k], cfg) as pruned:
+                    delta = runner.run(pruned, states[k]) - states[k + 1]
+                counter["forwards"] += 1
+            if ab.perturbation == "gaussian":  # the control: isotropic noise with the same per-token norm
+                noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
+                delta = noise * (delta.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+            for eps in eps_values:
+                injected = states[k + 1] + eps * delta
+                record(k, eps, injected, k)
+                if k + 1 < n:
+                    live.append((k, eps, injected))
+            if progress:
+                progress.advance(k + 1, n)
+    logs = composed_gains([block_fn(k, False) for k in range(n)], [block_fn(k, True) for k in range(n)], states,
+                          ab.skip_tokens) if composed else None
+    return {"curves": curves, "composed_logs": logs, "block_forwards": counter["forwards"],
             "seconds": time.perf_counter() - start, "tokens": int(states[0].shape[0] * states[0].shape[1])}
 
 

@@ -7,7 +7,6 @@ Either way each matrix ends with exactly the number of zeros `integer_counts` ga
 decoder Linears is round(S N) / N to the weight.
 """
 
-import time
 from dataclasses import dataclass
 
 from absorbdeploy import masks, sparsegpt
@@ -119,14 +118,6 @@ def prune_from_profile(runner: BlockRunner, profile_stats, plan, cfg: Prune, pro
     return records
 
 
-def audit_tensor(weight, nm: tuple[int, int] | None = None) -> dict:
-    zeros = int((weight == 0).sum())
-    result = {"numel": weight.numel(), "zeros": zeros, "sparsity": zeros / weight.numel()}
-    if nm is not None:
-        result["nm_valid"] = masks.is_nm(weight, *nm)
-    return result
-
-
 def realised_sparsity(blocks) -> tuple[int, int]:
     """(zeros, weights) over every decoder Linear: the sparsity the budget is about."""
     zeros = total = 0
@@ -135,9 +126,3 @@ def realised_sparsity(blocks) -> tuple[int, int]:
             zeros += int((m.weight.data == 0).sum())
             total += m.weight.numel()
     return zeros, total
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

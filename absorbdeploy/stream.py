@@ -23,12 +23,6 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
-def weights_bytes(source) -> int:
-    from absorbdeploy.load import weight_files
-
-    return sum(f.stat().st_size for f in weight_files(source))
-
-
 def memory_budget_bytes(budget_gb: float | None, device) -> int:
     """The streaming threshold: the recipe's budget, else half the available RAM (or of the GPU's memory)."""
     if budget_gb is not None:
