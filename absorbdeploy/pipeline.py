@@ -82,7 +82,7 @@ def run(plan: Plan, progress: Progress) -> dict:
             if streaming:
                 progress.log(f"    streaming block by block: {why}")
                 lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
-                lm.store.writer = stream.ShardWriter(work / "vllm", stream.parse_size(r.export.max_shard_size))
+                lm.store.writer = stream.ShardWriter(work / "vllm", stream.streaming_shard_bytes(r.export.max_shard_size))
             else:
                 lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
                 round_weights(lm.model, r.export.dtype)

@@ -103,7 +103,7 @@ def markdown(report: dict) -> str:
                 f"definition `{absorption['definition']}`, strength {absorption['strength']}, {absorption['mode']} on top of "
                 f"{alloc['method']}; probe {absorption['probe']['samples']} x {absorption['probe']['seqlen']} tokens at eps "
                 f"{absorption['eps']}: {cost['block_forwards']} block forwards = {cost['dense_forward_equivalents']:.1f} "
-                f"probe-forward equivalents, {cost['seconds']:.0f} s. Curves and plots: absorption.json, absorption.png.", ""]
+                f"probe-forward equivalents, {cost['seconds']:.1f} s. Curves and plots: absorption.json, absorption.png.", ""]
     zs = report.get("zero_shot")
     if zs:
         if zs.get("status") == "ok":

@@ -23,6 +23,15 @@ def parse_size(text: str) -> int:
     return int(float(number) * scale)
 
 
+STREAMING_SHARD_CAP = 512 * 2**20
+
+
+def streaming_shard_bytes(max_shard_size: str) -> int:
+    """A shard's tensors wait in memory until the shard is written, so streaming mode caps shards at 512 MiB whatever
+    export.max_shard_size asks for (vLLM and transformers read any number of shards)."""
+    return min(parse_size(max_shard_size), STREAMING_SHARD_CAP)
+
+
 def memory_budget_bytes(budget_gb: float | None, device) -> int:
     """The streaming threshold: the recipe's budget, else half the available RAM (or of the GPU's memory)."""
     if budget_gb is not None:

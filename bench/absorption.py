@@ -32,7 +32,7 @@ def settings(only: str | None):
 
 def run_case(h: Harness, base_method: str, pruner: str, sparsity: float, draw: int, grid, selection) -> dict:
     r = recipe(allocation__method=base_method, prune__method=pruner, prune__sparsity=sparsity, calibration__draw=draw,
-               absorption__enabled="true")
+               absorption__enabled="true", absorption__probe_samples=8)
     h.reset()
     calib = h.calib(r)
     runner = calibrate.BlockRunner(h.lm.model, h.lm.blocks, r.calibration.batch_size)

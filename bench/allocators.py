@@ -48,7 +48,8 @@ def main() -> None:
         configs = [c for c in configs if c[1]["allocation__method"] in keep]
     results = list(done.values())
     for name, sets, draws in configs:
-        if name in done and len(done[name]["runs"]) >= draws:
+        have = done.get(name, {}).get("runs", [])
+        if len(have) >= draws and (selection is None or all("selection_ppl" in r for r in have)):
             runs = done[name]["runs"]
         else:
             runs = [h.run(recipe(**sets, calibration__draw=d), selection=selection) for d in range(draws)]

@@ -22,8 +22,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def recipe(**sets) -> Recipe:
-    """The default recipe in fp32 (benchmarks measure the method, not the export rounding), with `a.b=value` overrides."""
-    r = override(Recipe(), "export.dtype=float32")
+    """The default recipe in fp32 (benchmarks measure the method, not the export rounding) with absorption off unless
+    a bench turns it on, with `a.b=value` overrides."""
+    r = override(override(Recipe(), "export.dtype=float32"), "absorption.enabled=false")
     for key, value in sets.items():
         r = override(r, f"{key.replace('__', '.')}={value}")
     return r

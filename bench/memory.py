@@ -6,7 +6,8 @@ allocate + prune with uniform Wanda 50 % (sequential protocol, in streaming mode
 shards). Reported: peak RSS during the prune stages and over the whole process (sampled every 50 ms), wall time, and
 for SmolLM2 whether both modes give bit-identical pruned weights and the streaming / in-memory time ratio.
 
-    .venv/bin/python bench/memory.py [--sizes small,medium,large] [--keep-models DIR]
+    .venv/bin/python bench/memory.py [--sizes synthetic-0.8GB,...] [--models DIR]
+    .venv/bin/python bench/memory.py --recheck      # recompute bit identity from the outputs a run left in --models
 """
 
 import argparse
@@ -69,13 +70,13 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     process_peak = _PeakRSS()
     r = Recipe()
     for a in (f"calibration.nsamples={nsamples}", f"calibration.seqlen={seqlen}", "allocation.method=uniform",
-              "prune.method=wanda", "prune.sparsity=0.5", f"streaming.mode={mode}", "export.dtype=bfloat16"):
+              "prune.method=wanda", "prune.sparsity=0.5", "absorption.enabled=false", f"streaming.mode={mode}", "export.dtype=bfloat16"):
         r = override(r, a)
     source = load.resolve_source(model_dir)
     start = time.perf_counter()
     if mode == "on":
         lm = load.load_streaming(source, torch.device("cpu"), "bfloat16")
-        lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.parse_size("2GB"))
+        lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.streaming_shard_bytes("5GB"))
     else:
         lm = load.load(source, torch.device("cpu"))
         pipeline.round_weights(lm.model, "bfloat16")
@@ -105,14 +106,17 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
 
 
 def bit_identical(a: Path, b: Path) -> bool:
+    """Every decoder-block tensor (what pruning wrote) equal bit for bit. The streaming worker writes only the blocks:
+    the embeddings and final norm are added by the vllm exporter, which this measurement does not run."""
     import torch
 
     from absorbdeploy.stream import ShardIndex
 
     ia, ib = ShardIndex(a), ShardIndex(b)
-    if set(ia.map) != set(ib.map):
+    blocks = {k for k in ia.map if ".layers." in k}
+    if not blocks or blocks != {k for k in ib.map if ".layers." in k}:
         return False
-    return all(torch.equal(ta, ib.read([k])[k]) for k in ia.map for ta in [ia.read([k])[k]])
+    return all(torch.equal(ia.read([k])[k], ib.read([k])[k]) for k in sorted(blocks))
 
 
 def main() -> None:
@@ -120,7 +124,11 @@ def main() -> None:
     parser.add_argument("--worker", nargs=5, metavar=("MODEL", "MODE", "OUT", "NSAMPLES", "SEQLEN"))
     parser.add_argument("--sizes", default=",".join(SYNTHETIC))
     parser.add_argument("--models", default="/tmp/absorbdeploy-memory-models", help="where the models are written")
+    parser.add_argument("--recheck", action="store_true", help="only recompute bit identity from the kept outputs")
     args = parser.parse_args()
+    if args.recheck:
+        recheck(Path(args.models))
+        return
     if args.worker:
         m, mode, out, n, t = args.worker
         worker(m, mode, out, int(n), int(t))
@@ -142,20 +150,37 @@ def main() -> None:
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
         same = bit_identical(Path(args.models) / f"out-{name}-off" / "vllm", Path(args.models) / f"out-{name}-on" / "vllm")
         raw.append({"model": name, "weights_bytes": size, "calibration": [nsamples, seqlen], **results, "bit_identical": same})
-        off, on = results["off"], results["on"]
-        rows.append({"model": name, "fp32 on disk": f"{size / 2**30:.2f} GiB",
-                     "in-memory peak (prune)": f"{off['prune_peak_rss_mb'] / 1024:.2f} GiB",
-                     "streaming peak (prune)": f"{on['prune_peak_rss_mb'] / 1024:.2f} GiB",
-                     "in-memory peak (process)": f"{off['process_peak_rss_mb'] / 1024:.2f} GiB",
-                     "streaming peak (process)": f"{on['process_peak_rss_mb'] / 1024:.2f} GiB",
-                     "time ratio stream/mem": f"{(on['load_s'] + on['prune_s']) / (off['load_s'] + off['prune_s']):.2f}",
-                     "bit-identical": same})
+        rows.append(display_row(raw[-1]))
         print(table(rows[-1:], list(rows[-1])), flush=True)
+    finish(raw)
+
+
+def display_row(run: dict) -> dict:
+    off, on = run["off"], run["on"]
+    return {"model": run["model"], "fp32 on disk": f"{run['weights_bytes'] / 2**30:.2f} GiB",
+            "in-memory peak (prune)": f"{off['prune_peak_rss_mb'] / 1024:.2f} GiB",
+            "streaming peak (prune)": f"{on['prune_peak_rss_mb'] / 1024:.2f} GiB",
+            "in-memory peak (process)": f"{off['process_peak_rss_mb'] / 1024:.2f} GiB",
+            "streaming peak (process)": f"{on['process_peak_rss_mb'] / 1024:.2f} GiB",
+            "time ratio stream/mem": f"{(on['load_s'] + on['prune_s']) / (off['load_s'] + off['prune_s']):.2f}",
+            "bit-identical": run["bit_identical"]}
+
+
+def finish(raw: list[dict]) -> None:
+    rows = [display_row(r) for r in raw]
     print()
     print(table(rows, list(rows[0])))
     plot(raw, RESULTS / "memory.png")
     print(f"plot: {RESULTS / 'memory.png'}")
     print(f"written to {write('memory', {'runs': raw})}")
+
+
+def recheck(models: Path) -> None:
+    """Recompute the bit-identity column from the outputs a previous run left in `models`."""
+    raw = json.loads((RESULTS / "memory.json").read_text())["runs"]
+    for run in raw:
+        run["bit_identical"] = bit_identical(models / f"out-{run['model']}-off" / "vllm", models / f"out-{run['model']}-on" / "vllm")
+    finish(raw)
 
 
 def plot(raw, path: Path) -> None:

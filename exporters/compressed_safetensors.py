@@ -81,13 +81,14 @@ def _source_tensors(model, spec: ExportSpec):
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
-    from absorbdeploy.stream import ShardWriter, parse_size
+    from absorbdeploy.stream import ShardWriter, parse_size, streaming_shard_bytes
 
     start = time.perf_counter()
     out = Path(out_dir)
     layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
     codec = compress_24 if layout == "sparse-24-bitmask" else compress_bitmask
-    writer = ShardWriter(out, parse_size(spec.max_shard_size))
+    limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
+    writer = ShardWriter(out, limit)
     prunable = set(spec.prunable)
     for name, t in _source_tensors(model, spec):
         if name in prunable:

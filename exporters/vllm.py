@@ -142,6 +142,11 @@ class VllmRunner(Runner):
             except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError):
                 self.proc.kill()
                 self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:  # a broken pipe to a worker that already died
+                pass
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
 

@@ -60,3 +60,11 @@ def test_shard_writer_keeps_groups_together(tmp_path):
     index = ShardIndex(tmp_path)
     assert len({index.map[k] for k in ("m.shape", "m.compressed", "m.bitmask")}) == 1
     assert len(set(index.map.values())) == 3 and torch.equal(index.read(["b"])["b"], torch.zeros(30))
+
+
+def test_streaming_caps_the_shards_it_buffers():
+    """Pruned blocks wait in memory until their shard is written: streaming never buffers a 5 GB shard."""
+    from absorbdeploy.stream import STREAMING_SHARD_CAP, streaming_shard_bytes
+
+    assert streaming_shard_bytes("5GB") == STREAMING_SHARD_CAP < 10**9
+    assert streaming_shard_bytes("100MB") == 10**8
