@@ -66,6 +66,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_interrupted = False
+
+
+def watch_interrupts() -> None:
+    """Remember every Ctrl-C. Some libraries catch KeyboardInterrupt and carry on (seen under load during the ONNX
+    export); a run that was interrupted must still never be renamed to DIR/."""
+    import signal
+
+    def handler(signum, frame):
+        global _interrupted
+        _interrupted = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 class Staging:
     """Context manager: yields DIR.tmp; on success `commit()` renames it to DIR; on any exit without commit, removes it."""
 
@@ -85,6 +101,8 @@ class Staging:
         return self
 
     def commit(self) -> None:
+        if _interrupted:
+            raise KeyboardInterrupt  # swallowed somewhere on the way; the exit path removes DIR.tmp
         (self.path / MARKER).unlink()
         if self.out.exists():
             if not self.overwrite:

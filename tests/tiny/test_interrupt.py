@@ -48,3 +48,15 @@ def test_interrupted_run_leaves_no_output_directory(stage, sig, tmp_path):
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert f"removed {tmp_path / 'run.tmp'} left behind by an interrupted run" in rerun.stdout
         assert (out / "report.json").is_file() and not (tmp_path / "run.tmp").exists()
+
+
+def test_an_interrupt_swallowed_by_a_library_still_blocks_the_rename(tmp_path, monkeypatch):
+    """Ctrl-C that some library caught and ignored: the finished-looking run must not become DIR/."""
+    from absorbdeploy import atomic
+
+    monkeypatch.setattr(atomic, "_interrupted", True)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.Staging(tmp_path / "run", overwrite=False) as staging:
+            (staging.path / "report.json").write_text("{}")
+            staging.commit()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
