@@ -6,6 +6,7 @@ file with the pid that wrote it) and replaced only when that process is gone, so
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from absorbdeploy.errors import UserError
@@ -80,6 +81,19 @@ def watch_interrupts() -> None:
         signal.default_int_handler(signum, frame)
 
     signal.signal(signal.SIGINT, handler)
+    default_hook = sys.unraisablehook
+
+    def quiet(unraisable):  # a Ctrl-C that landed in a __del__: the flag has it, no traceback for the user
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet
+
+
+def raise_if_interrupted() -> None:
+    """Called between stages, so a swallowed Ctrl-C stops the run at the next stage rather than at the very end."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 class Staging:
@@ -101,8 +115,7 @@ class Staging:
         return self
 
     def commit(self) -> None:
-        if _interrupted:
-            raise KeyboardInterrupt  # swallowed somewhere on the way; the exit path removes DIR.tmp
+        raise_if_interrupted()  # a Ctrl-C swallowed on the way: the exit path removes DIR.tmp
         (self.path / MARKER).unlink()
         if self.out.exists():
             if not self.overwrite:

@@ -53,6 +53,9 @@ class Progress:
 
     @contextmanager
     def stage(self, name: str, detail: str = ""):
+        from absorbdeploy.atomic import raise_if_interrupted
+
+        raise_if_interrupted()
         self.index += 1
         prefix = f"[{self.index}/{self.total}] {name:<10}"
         self.log(f"{prefix} {detail}".rstrip())
