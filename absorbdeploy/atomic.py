@@ -71,8 +71,8 @@ _interrupted = False
 
 
 def watch_interrupts() -> None:
-    """Remember every Ctrl-C. Some libraries catch KeyboardInterrupt and carry on (seen under load during the ONNX
-    export); a run that was interrupted must still never be renamed to DIR/."""
+    """Remember every Ctrl-C. A KeyboardInterrupt raised inside a __del__ is ignored by Python (seen under load: regex's
+    Group.__del__ during the export), so a run that was interrupted must be stopped and never renamed to DIR/."""
     import signal
 
     def handler(signum, frame):
