@@ -17,7 +17,6 @@ try:  # typer >= 0.25 vendors click
 except ImportError:  # pragma: no cover - older typer with the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
-from absorbdeploy import atomic
 from absorbdeploy.errors import UserError
 
 app = typer.Typer(
@@ -77,7 +76,9 @@ def prune_and_export(
     plan = pipeline.preflight(r, out, overwrite, trust_remote_code, origin)
     progress = Progress(len(pipeline.STAGES), quiet=quiet)
     signal.signal(signal.SIGTERM, _terminate)
-    atomic.watch_interrupts()
+    from absorbdeploy.atomic import watch_interrupts
+
+    watch_interrupts()
     report = pipeline.run(plan, progress)
     _finish(report, progress.console)
 
@@ -129,7 +130,9 @@ def analyze(
                               trust_remote_code, origin)
     progress = Progress(6, quiet=quiet)
     signal.signal(signal.SIGTERM, _terminate)
-    atomic.watch_interrupts()
+    from absorbdeploy.atomic import watch_interrupts
+
+    watch_interrupts()
     result = pipeline.analyze(plan, progress)
     from absorbdeploy.render import print_absorption
 
