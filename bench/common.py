@@ -75,6 +75,7 @@ class Harness:
         result = {"selection_ppl": self.ppl(selection)} if selection is not None else {}
         return {**result, "ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == round(r.prune.sparsity * total),
                 "seconds": seconds, "stages": {k: v["seconds"] for k, v in progress.stages.items()},
+                "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in progress.stages.items()},
                 "final": outcome.final, "base": outcome.base, "absorption": outcome.absorption}
 
 
