@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out)
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out, "--set", "validate.latency.enabled=true")
     return out, proc
 
 
@@ -57,6 +57,21 @@ def test_smoke_report_compares_every_artefact(smoke):
     assert {g["gate"] for g in report["gates"]} == {"max_abs_logit_diff", "min_top1_agreement"}
     assert set(report["stages"]) >= {"load", "data", "calibrate", "allocate", "prune", "export", "validate"}
     assert "| vllm | vllm | yes |" in (out / "report.md").read_text()
+
+
+def test_smoke_times_dense_and_pruned_side_by_side_in_every_runtime(smoke):
+    out, _ = smoke
+    runtimes = json.loads((out / "report.json").read_text())["runtimes"]
+    assert set(runtimes) == {"torch", "vllm", "onnxruntime"}
+    for runtime, entry in runtimes.items():
+        phases = ["prefill_tok_s"] + (["decode_tok_s"] if runtime != "onnxruntime" else [])
+        for phase in phases:
+            timing = entry["latency"][phase]
+            assert timing["dense"]["n"] == timing["sparse"]["n"] == 3, (runtime, phase)
+            assert timing["dense"]["median"] > 0 and timing["sparse"]["median"] > 0, (runtime, phase)
+            assert timing["ratio"] == pytest.approx(timing["sparse"]["median"] / timing["dense"]["median"]), (runtime, phase)
+    assert runtimes["onnxruntime"]["latency"]["decode_tok_s"] is None  # no KV-cache graph
+    assert "## Latency (dense and sparse interleaved" in (out / "report.md").read_text()
 
 
 def test_vllm_export_loads_in_transformers_with_the_pruned_weights(smoke):
