@@ -70,17 +70,22 @@ def _alive(pid: int) -> bool:
 _interrupted = False
 
 
-def watch_interrupts() -> None:
-    """Remember every Ctrl-C. A KeyboardInterrupt raised inside a __del__ is ignored by Python (seen under load: regex's
-    Group.__del__ during the export), so a run that was interrupted must be stopped and never renamed to DIR/."""
+def watch_signals() -> None:
+    """SIGTERM exits through the staging context (which removes DIR.tmp), and every Ctrl-C is remembered: a
+    KeyboardInterrupt raised inside a __del__ is ignored by Python (seen under load: regex's Group.__del__ during the
+    export), so a run that was interrupted must be stopped and never renamed to DIR/."""
     import signal
 
-    def handler(signum, frame):
+    def interrupt(signum, frame):
         global _interrupted
         _interrupted = True
         signal.default_int_handler(signum, frame)
 
-    signal.signal(signal.SIGINT, handler)
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, terminate)
     default_hook = sys.unraisablehook
 
     def quiet(unraisable):  # a Ctrl-C that landed in a __del__: the flag has it, no traceback for the user

@@ -5,7 +5,6 @@ or vllm (tests/unit/test_cli_lean.py checks it). Flags only override the recipe,
 """
 
 import dataclasses
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -75,20 +74,15 @@ def prune_and_export(
 
     plan = pipeline.preflight(r, out, overwrite, trust_remote_code, origin)
     progress = Progress(len(pipeline.STAGES), quiet=quiet)
-    signal.signal(signal.SIGTERM, _terminate)
-    from absorbdeploy.atomic import watch_interrupts
+    from absorbdeploy.atomic import watch_signals
 
-    watch_interrupts()
+    watch_signals()
     report = pipeline.run(plan, progress)
     _finish(report, progress.console)
 
 
 def _s(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through the staging context, which removes DIR.tmp
 
 
 def _finish(report: dict, console) -> None:
@@ -129,10 +123,9 @@ def analyze(
     plan = pipeline.preflight(dataclasses.replace(r, export=dataclasses.replace(r.export, formats=())), out, overwrite,
                               trust_remote_code, origin)
     progress = Progress(6, quiet=quiet)
-    signal.signal(signal.SIGTERM, _terminate)
-    from absorbdeploy.atomic import watch_interrupts
+    from absorbdeploy.atomic import watch_signals
 
-    watch_interrupts()
+    watch_signals()
     result = pipeline.analyze(plan, progress)
     from absorbdeploy.render import print_absorption
 

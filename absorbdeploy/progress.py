@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
+from absorbdeploy.atomic import raise_if_interrupted
+
 
 class _PeakRSS:
     """Samples this process's resident set size every 50 ms on a daemon thread; `peak` is the largest value seen."""
@@ -53,8 +55,6 @@ class Progress:
 
     @contextmanager
     def stage(self, name: str, detail: str = ""):
-        from absorbdeploy.atomic import raise_if_interrupted
-
         raise_if_interrupted()
         self.index += 1
         prefix = f"[{self.index}/{self.total}] {name:<10}"
