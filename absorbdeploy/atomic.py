@@ -14,8 +14,14 @@ from absorbdeploy.errors import UserError
 MARKER = ".absorbdeploy-staging"
 
 
-def check_destination(out: Path, overwrite: bool) -> None:
-    """Bad-input checks on the output path, before any work starts; nothing is created here."""
+def check_destination(out: Path, overwrite: bool, inputs=()) -> None:
+    """Bad-input checks on the output path, before any work starts; nothing is created here. `inputs` are the files
+    and directories the run reads (model, weight files, texts, recipe): the output may not be, contain or lie inside
+    any of them, symlinks resolved, or --overwrite would delete them."""
+    for path in inputs:
+        _refuse_overlap(out, Path(path))
+    if Path.cwd().resolve().is_relative_to(Path(out).resolve()):
+        raise UserError(f"output {out} is or contains the current directory, which --overwrite would replace; choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is a file; choose another --out")
     if out.exists() and not overwrite:
@@ -33,6 +39,15 @@ def check_destination(out: Path, overwrite: bool) -> None:
             raise UserError(f"{staging} is in use by a running absorbdeploy (pid {owner}); wait for it or choose another --out")
 
 
+def _refuse_overlap(out: Path, source: Path) -> None:
+    real = source.resolve()
+    for target in (out, staging_path(out)):
+        mine = target.resolve()
+        if mine == real or real.is_relative_to(mine) or mine.is_relative_to(real):
+            how = "is" if mine == real else ("contains" if real.is_relative_to(mine) else "lies inside")
+            raise UserError(f"output {target} {how} the input {source}; choose an --out outside every input")
+
+
 def _writable(folder: Path) -> bool:
     """Really try: os.access says yes to root on read-only or virtual file systems."""
     import tempfile
@@ -45,6 +60,9 @@ def _writable(folder: Path) -> bool:
 
 
 def staging_path(out: Path) -> Path:
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        out = Path(os.path.abspath(out))
     return out.with_name(out.name + ".tmp")
 
 

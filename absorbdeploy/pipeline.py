@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from absorbdeploy import allocate, atomic, calibrate, data, load, prune, report, stream, validate
+from absorbdeploy import source as source_
 from absorbdeploy import exporters
-from absorbdeploy.recipe import Recipe, parse_nm, to_yaml
+from absorbdeploy.recipe import ModelFacts, Recipe, check, parse_nm, settle, to_yaml
 from absorbdeploy.progress import Progress
 
 STAGES = ("load", "data", "calibrate", "allocate", "absorb", "prune", "export", "validate", "report")
@@ -21,16 +22,26 @@ STAGES = ("load", "data", "calibrate", "allocate", "absorb", "prune", "export", 
 @dataclass(frozen=True)
 class Plan:
     recipe: Recipe
-    source: load.ModelSource
+    source: source_.ModelSource
     formats: tuple[str, ...]
     out: Path
     overwrite: bool
     trust_remote_code: bool
     recipe_origin: str
+    notes: tuple[str, ...] = ()  # defaults that followed another setting or the model (recipe_rules.settle)
 
 
-def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: bool, recipe_origin: str) -> Plan:
-    source = load.resolve_source(recipe.model, trust_remote_code)
+def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: bool, recipe_origin: str,
+              probe: bool = False) -> Plan:
+    """Every check that needs no model weights; settles the recipe's following defaults against the model's facts.
+    `probe`: the command runs the absorption probe whatever absorption.enabled says (analyze)."""
+    from absorbdeploy.recipe_rules import check_probe
+
+    source = source_.resolve_source(recipe.model, trust_remote_code)
+    recipe, notes = settle(recipe, ModelFacts(source.context, source.dtype))
+    check(recipe)
+    if probe:
+        check_probe(recipe)
     if source.context is not None:
         _check_context(source.context, max(recipe.calibration.seqlen, recipe.validate.seqlen))
     data.check_text_paths(recipe.calibration.text, recipe.validate.text)
@@ -38,8 +49,11 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: boo
     exporters.check_available(formats)
     if recipe.device == "cuda":
         _require_cuda_hardware()
-    atomic.check_destination(out, overwrite)
-    return Plan(recipe, source, formats, out, overwrite, trust_remote_code, recipe_origin)
+    inputs = source_.input_paths(source) + [Path(t).expanduser() for t in (recipe.calibration.text, recipe.validate.text) if t]
+    if Path(recipe_origin).is_file():
+        inputs.append(Path(recipe_origin))
+    atomic.check_destination(out, overwrite, inputs)
+    return Plan(recipe, source, formats, out, overwrite, trust_remote_code, recipe_origin, tuple(notes))
 
 
 def _require_cuda_hardware() -> None:
@@ -49,16 +63,6 @@ def _require_cuda_hardware() -> None:
 
     if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/nvidiactl")):
         raise UserError("--device cuda was requested but this machine has no NVIDIA GPU; use --device cpu or auto")
-
-
-def round_weights(model, dtype_name: str) -> None:
-    """Give every weight the value it will have on disk, keeping fp32 compute: all artefacts then hold the same numbers."""
-    import torch
-
-    if dtype_name != "float32":
-        dtype = getattr(torch, dtype_name)
-        for p in model.parameters():
-            p.data.copy_(p.data.to(dtype).to(p.dtype))
 
 
 def prunable_names(model, blocks) -> tuple[str, ...]:
@@ -74,20 +78,15 @@ def run(plan: Plan, progress: Progress) -> dict:
         work = staging.path
         (work / "recipe.resolved.yaml").write_text(to_yaml(r))
 
+        for note in plan.notes:
+            progress.log(f"note: {note}")
         with progress.stage("load", plan.source.name):
-            device = load.resolve_device(r.device)
-            streaming, why = stream.decide(plan.source, r.streaming.mode, r.streaming.memory_budget_gb, device)
+            lm, facts = load_model(plan, progress)
+            streaming = lm.store is not None
             formats = _formats_for(plan, streaming)
-            dtype = load.compute_dtype(device, r.export.dtype)
             if streaming:
-                progress.log(f"    streaming block by block: {why}")
-                lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
                 lm.store.writer = stream.ShardWriter(work / "vllm", stream.streaming_shard_bytes(r.export.max_shard_size))
-            else:
-                lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
-                round_weights(lm.model, r.export.dtype)
-            facts = {"weights_sha256": load.weights_sha256(plan.source), "device": str(device),
-                     "streaming": {"enabled": streaming, "why": why}}
+            facts["weights_sha256"] = source_.weights_sha256(plan.source)
 
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
@@ -141,6 +140,28 @@ class PruneOutcome:
     records: list  # prune.MatrixRecord per matrix
     profile: calibrate.DenseProfile | None  # kept for callers that reuse it (benchmarks); the pipeline drops it
     dense_pass: bool
+
+
+def load_model(plan: Plan, progress: Progress):
+    """The model in memory (or, above the memory budget, a streaming skeleton), its weights checked for non-finite
+    and unrepresentable values and rounded to the export dtype; returns (LoadedModel, facts for the report)."""
+    r = plan.recipe
+    device = load.resolve_device(r.device)
+    streaming, why = stream.decide(plan.source, r.streaming.mode, r.streaming.memory_budget_gb, device)
+    dtype = load.compute_dtype(device, r.export.dtype)
+    rounding = None
+    if streaming:
+        progress.log(f"    streaming block by block: {why}")
+        lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
+    else:
+        lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
+        load.check_weights(lm.model.named_parameters(), r.export.dtype)
+        rounding = load.round_weights(lm.model, r.export.dtype)
+        if rounding["changed"]:
+            progress.log(f"note: {plan.source.dtype} weights rounded to {r.export.dtype} for export: {rounding['changed']:,} "
+                         f"of {rounding['weights']:,} values change, by up to {rounding['max_abs_change']:.3g}")
+    return lm, {"device": str(device), "streaming": {"enabled": streaming, "why": why},
+                "dtype": {"source": plan.source.dtype, "export": r.export.dtype, "rounding": rounding}}
 
 
 def _to_fp32(lm, dense_model) -> None:
@@ -210,7 +231,7 @@ def prune_model(lm, calib, r: Recipe, progress: Progress, work: Path | None = No
         else:
             records = prune.prune_sequential(runner, calib, counts, r.prune, progress.blocks("sequential prune"),
                                              r.export.dtype)
-        round_weights(lm.model, r.export.dtype)
+        load.round_weights(lm.model, r.export.dtype)
     return PruneOutcome(params, scores, base, final, absorption, records, profile, needs_profile)
 
 
@@ -224,15 +245,7 @@ def analyze(plan: Plan, progress: Progress) -> dict:
         work = staging.path
         (work / "recipe.resolved.yaml").write_text(to_yaml(r))
         with progress.stage("load", plan.source.name):
-            device = load.resolve_device(r.device)
-            streaming, why = stream.decide(plan.source, r.streaming.mode, r.streaming.memory_budget_gb, device)
-            dtype = load.compute_dtype(device, r.export.dtype)
-            if streaming:
-                progress.log(f"    streaming block by block: {why}")
-                lm = load.load_streaming(plan.source, device, r.export.dtype, plan.trust_remote_code, dtype)
-            else:
-                lm = load.load(plan.source, device, plan.trust_remote_code, dtype)
-                round_weights(lm.model, r.export.dtype)
+            lm, _ = load_model(plan, progress)
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)
             calib = data.calibration_windows(corpus, r.calibration.nsamples, r.calibration.seqlen, r.calibration.draw)
@@ -272,12 +285,12 @@ def revalidate(directory: Path, progress: Progress) -> dict:
     r = from_yaml_text((folder / "recipe.resolved.yaml").read_text(), str(folder / "recipe.resolved.yaml"))
     formats = [f for f in exporters.FORMATS if (folder / f).is_dir()]
     exporters.check_available(formats)
-    source = load.resolve_source(r.model)
+    source = source_.resolve_source(r.model)
     with progress.stage("load", f"{source.name} (dense) and the run's own pruned checkpoint"):
-        if load.weights_sha256(source) != old["model"]["weights_sha256"]:
+        if source_.weights_sha256(source) != old["model"]["weights_sha256"]:
             raise UserError(f"the source model {source.name} changed since the run (weights sha256 differs); re-run prune-and-export")
         lm = load.load(source, load.resolve_device(r.device))
-        round_weights(lm.model, r.export.dtype)
+        load.round_weights(lm.model, r.export.dtype)
         reference = _reference_from(folder, formats)
     with progress.stage("data", r.calibration.text or data.PROTOCOL):
         corpus = data.build_corpus(lm.tokenizer, r.calibration.text, r.validate.text)

@@ -75,7 +75,7 @@ def allocation_bars(base, final, realised, path: Path, title: str) -> None:
 
 def ppl_ratio_bars(report: dict, path: Path) -> None:
     plt = _pyplot()
-    names = [n for n, a in report["artefacts"].items() if "error" not in a]
+    names = [n for n, a in report["artefacts"].items() if a.get("ppl_ratio") is not None]
     ratios = [report["artefacts"][n]["ppl_ratio"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, ratios, color="tab:orange")

@@ -16,7 +16,7 @@ import yaml
 
 from absorbdeploy.errors import UserError
 
-from absorbdeploy.recipe_rules import check, parse_nm  # noqa: F401  (parse_nm is part of the recipe's API)
+from absorbdeploy.recipe_rules import ModelFacts, check, parse_nm, settle  # noqa: F401  (part of the recipe's API)
 
 RECIPE_VERSION = 1
 
@@ -25,7 +25,7 @@ RECIPE_VERSION = 1
 class Calibration:
     text: str | None = None  # a text file; None = pydoc-v1 (Python's pydoc_data.topics)
     nsamples: int = 32
-    seqlen: int = 512
+    seqlen: int | None = None  # None = 512, or the model's context when that is shorter
     seed: int = 0
     batch_size: int = 8
     draw: int = 0  # which disjoint set of `nsamples` windows of the calibration split (for noise spreads)
@@ -41,7 +41,7 @@ class SparseGPTOptions:
 @dataclass(frozen=True)
 class Prune:
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None = 0.5, or N/M when structure is N:M
     structure: str = "unstructured"  # or "N:M": N zeros in every M consecutive inputs of a row (2:4 = 50 %)
     sparsegpt: SparseGPTOptions = field(default_factory=SparseGPTOptions)
 
@@ -74,18 +74,18 @@ class Allocation:
     alpha: AlphaOptions = field(default_factory=AlphaOptions)
     dlp: DLPOptions = field(default_factory=DLPOptions)
     atp: ATPOptions = field(default_factory=ATPOptions)
-    min: float = 0.05
-    max: float = 0.95
+    min: float | None = None  # None = 0.05 (or prune.sparsity when that is lower)
+    max: float | None = None  # None = 0.95 (or prune.sparsity when that is higher)
 
 
 @dataclass(frozen=True)
 class Absorption:  # defaults chosen on the selection split (README, "Choosing the defaults")
-    enabled: bool = True
+    enabled: bool | None = None  # None = on, except for N:M structures (which fix every block's sparsity)
     definition: str = "margin"
     strength: float = 0.08
     mode: str = "auto"  # auto: additive on top of OWL/DLP/ATP/uniform, multiplicative on top of AlphaPruning
-    probe_samples: int = 4  # 4 x 512 keeps the default run under 10 minutes on a 2-core CPU; the benches use 8
-    probe_seqlen: int = 512
+    probe_samples: int | None = None  # None = 4 (4 x 512 keeps the default run under 10 minutes), at most nsamples
+    probe_seqlen: int | None = None  # None = calibration.seqlen
     eps: float = 1.0
     eps_small: float = 0.01
     skip_tokens: int = 1
@@ -104,7 +104,7 @@ class OnnxOptions:
 @dataclass(frozen=True)
 class Export:
     formats: tuple[str, ...] | None = None  # None = every format whose runtime is installed
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: the source's 16-bit dtype (float16 stays float16), bfloat16 for float32 sources
     max_shard_size: str = "5GB"
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
 
@@ -136,7 +136,7 @@ class ZeroShot:
 class Validate:
     text: str | None = None  # evaluation text file; None = the evaluation split of the calibration text
     eval_windows: int | None = 16  # None = all windows
-    seqlen: int = 512
+    seqlen: int | None = None  # None = 512, or the model's context when that is shorter
     compare_windows: int = 2  # windows on which full logits are compared (all windows compare next-token log-probs)
     vllm_dtype: str = "float32"  # float32 checks the exported weights to ~1e-4; bfloat16 is the serving dtype
     latency: Latency = field(default_factory=Latency)
@@ -187,6 +187,20 @@ _Loader.add_implicit_resolver(
                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    seen = set()
+    for key, (key_node, _) in zip(keys, node.value):
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice (which one is meant?)",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _mapping_without_duplicates
 
 
 def load_yaml(text: str):
@@ -297,6 +311,11 @@ def _show(value) -> str:
 # --------------------------------------------------------------------------------------------------------- overrides
 
 
+def set_value(recipe: Recipe, key: str, value, origin: str) -> Recipe:
+    """Set one dotted key to a Python value (a CLI flag's own typed value), checked against the key's type."""
+    return _replace_path(recipe, key.split("."), value, key, origin)
+
+
 def override(recipe: Recipe, assignment: str) -> Recipe:
     """Apply one `--set a.b=value`; the value is parsed as YAML and typed like the key it replaces."""
     key, sep, raw = assignment.partition("=")
@@ -310,27 +329,27 @@ def override(recipe: Recipe, assignment: str) -> Recipe:
     parts = key.split(".")
     if key == "version":
         raise UserError("--set version: the recipe version cannot be overridden")
-    return _replace_path(recipe, parts, value, key, assignment)
+    return _replace_path(recipe, parts, value, key, f"--set {assignment}")
 
 
-def _replace_path(node, parts: list[str], value, key: str, assignment: str):
+def _replace_path(node, parts: list[str], value, key: str, origin: str):
     known = {f.name for f in dataclasses.fields(node)}
     if parts[0] not in known:
         where = key[: len(key) - len(".".join(parts))].rstrip(".")
         choices = ", ".join(f"{where}.{k}" if where else k for k in sorted(known))
-        raise UserError(f"--set {assignment}: unknown key '{key}' (known here: {choices})")
+        raise UserError(f"{origin}: unknown key '{key}' (known here: {choices})")
     ftype = _field_type(type(node), parts[0])
     if len(parts) > 1:
         if not dataclasses.is_dataclass(ftype):
-            raise UserError(f"--set {assignment}: '{parts[0]}' has no sub-keys")
-        child = _replace_path(getattr(node, parts[0]), parts[1:], value, key, assignment)
+            raise UserError(f"{origin}: '{parts[0]}' has no sub-keys")
+        child = _replace_path(getattr(node, parts[0]), parts[1:], value, key, origin)
         return dataclasses.replace(node, **{parts[0]: child})
     if dataclasses.is_dataclass(ftype):
         if not isinstance(value, dict):
-            raise UserError(f"--set {assignment}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
-        new = _build(ftype, {**dataclasses.asdict(getattr(node, parts[0])), **value}, prefix=f"{key}.", origin="--set")
+            raise UserError(f"{origin}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
+        new = _build(ftype, {**dataclasses.asdict(getattr(node, parts[0])), **value}, prefix=f"{key}.", origin=origin)
     else:
-        new = _coerce(value, ftype, key, f"--set {assignment}")
+        new = _coerce(value, ftype, key, origin)
     return dataclasses.replace(node, **{parts[0]: new})
 
 

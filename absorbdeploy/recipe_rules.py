@@ -1,9 +1,14 @@
 """Value and cross-field rules of a recipe (the part of validation that types alone cannot express).
 
-`check` raises `UserError` on the first violation, naming the key, the value and what would be accepted.
+Some defaults depend on other settings or on the model: a field left at `None` *follows* (`settle` fills it in and
+says why when the result differs from its plain default), so changing one setting never makes a default contradict it.
+A value the user (or a recipe file) gave explicitly is never changed: a contradiction between explicit values is
+refused. `check` raises `UserError` on the first violation, naming the key, the value and what would be accepted.
 """
 
+import dataclasses
 import re
+from dataclasses import dataclass
 
 from absorbdeploy.errors import UserError
 
@@ -13,6 +18,54 @@ ABSORPTION_DEFINITIONS = ("gain", "composed", "margin")
 ABSORPTION_MODES = ("auto", "additive", "multiplicative")
 EXPORT_FORMATS = ("vllm", "compressed-safetensors", "onnx")
 DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPES = ("auto",) + DTYPES
+DEFAULT_SPARSITY, DEFAULT_SEQLEN, DEFAULT_PROBE_SAMPLES, DEFAULT_MIN, DEFAULT_MAX = 0.5, 512, 4, 0.05, 0.95
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What preflight knows of the model before loading it (both optional)."""
+
+    context: int | None = None  # max_position_embeddings
+    dtype: str | None = None  # float32 | bfloat16 | float16: the dtype of the source's floating-point weights
+
+
+def settle(r, facts: ModelFacts | None = None):
+    """Fill every following default (`None`) from the settings it depends on; returns (recipe, notes), one note per
+    default that followed to something other than its plain value. Settling a settled recipe changes nothing."""
+    facts = facts or ModelFacts()
+    c, p, a, ab, e, v = r.calibration, r.prune, r.allocation, r.absorption, r.export, r.validate
+    notes: list[str] = []
+
+    def follow(value, plain, followed, key: str, why: str):
+        if value is not None:
+            return value
+        if followed != plain:
+            shown = str(followed).lower() if isinstance(followed, bool) else format(followed, "g" if isinstance(followed, float) else "")
+            notes.append(f"{key} = {shown}: {why}")
+        return followed
+
+    short = facts.context if facts.context and facts.context < DEFAULT_SEQLEN else DEFAULT_SEQLEN
+    why_context = f"the model's context ({facts.context} tokens) is shorter than {DEFAULT_SEQLEN}"
+    seqlen = follow(c.seqlen, DEFAULT_SEQLEN, short, "calibration.seqlen", why_context)
+    eval_seqlen = follow(v.seqlen, DEFAULT_SEQLEN, short, "validate.seqlen", why_context)
+    nm = parse_nm(p.structure)
+    fixed = nm[0] / nm[1] if nm else DEFAULT_SPARSITY
+    sparsity = follow(p.sparsity, DEFAULT_SPARSITY, fixed, "prune.sparsity", f"prune.structure {p.structure} fixes it")
+    enabled = follow(ab.enabled, True, nm is None, "absorption.enabled",
+                     f"prune.structure {p.structure} fixes every block's sparsity")
+    low = follow(a.min, DEFAULT_MIN, min(DEFAULT_MIN, sparsity), "allocation.min", "prune.sparsity is lower")
+    high = follow(a.max, DEFAULT_MAX, max(DEFAULT_MAX, sparsity), "allocation.max", "prune.sparsity is higher")
+    samples = follow(ab.probe_samples, DEFAULT_PROBE_SAMPLES, min(DEFAULT_PROBE_SAMPLES, c.nsamples),
+                     "absorption.probe_samples", f"calibration.nsamples is {c.nsamples}")
+    probe_seqlen = ab.probe_seqlen if ab.probe_seqlen is not None else seqlen
+    dtype = e.dtype if e.dtype != "auto" else ("float16" if facts.dtype == "float16" else "bfloat16")
+    return dataclasses.replace(
+        r, calibration=dataclasses.replace(c, seqlen=seqlen), prune=dataclasses.replace(p, sparsity=sparsity),
+        allocation=dataclasses.replace(a, min=low, max=high),
+        absorption=dataclasses.replace(ab, enabled=enabled, probe_samples=samples, probe_seqlen=probe_seqlen),
+        export=dataclasses.replace(e, dtype=dtype), validate=dataclasses.replace(v, seqlen=eval_seqlen),
+    ), notes
 
 
 
@@ -30,7 +83,8 @@ def parse_nm(structure: str) -> tuple[int, int] | None:
 
 
 def check(r) -> None:
-    """Value and cross-field rules; raises UserError on the first violation."""
+    """Value and cross-field rules of the settled recipe; raises UserError on the first violation."""
+    r, _ = settle(r)
     c, p, a, ab, e, v = r.calibration, r.prune, r.allocation, r.absorption, r.export, r.validate
     _choice("device", r.device, ("auto", "cpu", "cuda"))
     _choice("calibration.statistics", c.statistics, ("sequential", "dense"))
@@ -78,7 +132,7 @@ def check(r) -> None:
         _choice("export.formats", fmt, EXPORT_FORMATS)
     if e.formats is not None and len(set(e.formats)) != len(e.formats):
         raise UserError(f"export.formats lists a format twice: {list(e.formats)}")
-    _choice("export.dtype", e.dtype, DTYPES)
+    _choice("export.dtype", e.dtype, EXPORT_DTYPES)
     _choice("export.onnx.dtype", e.onnx.dtype, ("float32", "float16"))
     _choice("export.onnx.sparse", e.onnx.sparse, ("auto", "always", "never"))
     if not 18 <= e.onnx.opset <= 23:

@@ -80,6 +80,7 @@ def sidecar(plan, facts, corpus, allocation) -> dict:
     r = plan.recipe
     return {
         "absorbdeploy": __version__,
+        "source_dtype": facts["dtype"]["source"],
         "model": {"name": plan.source.name, "weights_sha256": facts["weights_sha256"]},
         "calibration": {"text": corpus.name, "sha256": corpus.sha256, "nsamples": r.calibration.nsamples,
                         "seqlen": r.calibration.seqlen, "draw": r.calibration.draw, "seed": r.calibration.seed},
@@ -97,11 +98,12 @@ def build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefa
         "created": _now(),
         "environment": {**environment(facts["device"]), **checks["device"]},
         "model": {"name": plan.source.name, "kind": plan.source.kind, "path": plan.source.path,
-                  "model_type": plan.source.model_type, "weights_sha256": facts["weights_sha256"]},
+                  "model_type": plan.source.model_type, "weights_sha256": facts["weights_sha256"],
+                  "dtype": facts["dtype"]},
         "protocol": {"name": corpus.name, "calibration_text_sha256": corpus.sha256, "eval_text": corpus.eval_name,
                      "eval_text_sha256": corpus.eval_sha256, "calibration_windows": list(calib.shape),
                      "eval_windows": list(evals.shape), "seed": r.calibration.seed, "draw": r.calibration.draw},
-        "recipe": {"origin": plan.recipe_origin, **to_dict(r)},
+        "recipe": {"origin": plan.recipe_origin, "followed": list(plan.notes), **to_dict(r)},
         "allocation": allocation,
         "absorption": _absorption_summary(outcome.absorption),
         "pruning": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics,
@@ -165,7 +167,7 @@ def write(folder: Path, payload: dict) -> None:
     allocation_bars([b["base_sparsity"] for b in blocks], [b["final_sparsity"] for b in blocks],
                     [b["realised_sparsity"] for b in blocks], folder / "allocation.png",
                     f"allocation: {payload['allocation']['method']}, target {payload['allocation']['target']}")
-    if any("error" not in a for a in payload["artefacts"].values()):
+    if any(a.get("ppl_ratio") is not None for a in payload["artefacts"].values()):
         ppl_ratio_bars(payload, folder / "ppl_ratio.png")
 
 

@@ -11,6 +11,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from absorbdeploy.checkpoint import ShardIndex
 from absorbdeploy.errors import UserError
 
 
@@ -43,37 +44,6 @@ def memory_budget_bytes(budget_gb: float | None, device) -> int:
     import psutil
 
     return psutil.virtual_memory().available // 2
-
-
-class ShardIndex:
-    """tensor name -> safetensors file, for one checkpoint directory."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.map = {k: self.folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            from safetensors import safe_open
-
-            self.map = {}
-            for file in sorted(self.folder.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as f:
-                    self.map.update({k: file for k in f.keys()})
-
-    def read(self, names) -> dict:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            if name not in self.map:
-                raise UserError(f"{self.folder} lacks tensor {name}; the checkpoint is incomplete")
-            by_file.setdefault(self.map[name], []).append(name)
-        tensors = {}
-        for file, keys in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                tensors.update({k: f.get_tensor(k) for k in keys})
-        return tensors
 
 
 class ShardWriter:
@@ -120,12 +90,12 @@ class ShardWriter:
 class BlockStore:
     """Materialises block k from a checkpoint on demand and releases it back to the meta device."""
 
-    def __init__(self, model, blocks, folder: Path, device, round_to: str | None, dtype=None):
+    def __init__(self, model, blocks, index: ShardIndex, device, round_to: str | None, dtype=None):
         import torch
 
         self.model, self.blocks, self.device, self.round_to = model, blocks, device, round_to
         self.dtype = dtype or torch.float32  # the compute dtype blocks are materialised in
-        self.index = ShardIndex(folder)
+        self.index = index
         names = {id(m): n for n, m in model.named_modules()}
         self.prefixes = [names[id(b)] + "." for b in blocks]
         self.writer: ShardWriter | None = None
@@ -179,30 +149,29 @@ def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from absorbdeploy.load import decoder_blocks
+    from absorbdeploy.load import check_matches_disk, decoder_blocks
 
     if source.kind not in ("dir", "hub"):
         raise UserError(f"streaming needs a safetensors checkpoint directory; {source.name} is {source.kind}. "
                         "Save it with save_pretrained first or set streaming.mode: off")
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    if source.layout is not None:
+        del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
     blocks = decoder_blocks(model, trust_remote_code)
-    store = BlockStore(model, blocks, Path(source.path), device, round_to, dtype)
+    index = check_matches_disk(model, source)
+    scan_source(index, round_to)
+    store = BlockStore(model, blocks, index, device, round_to, dtype)
     block_names = {n for k in range(len(blocks)) for n in store.names(k)}
     rest = [n for n, _ in model.named_parameters() if n not in block_names]
-    tied = getattr(config, "tie_word_embeddings", False)
-    present = [n for n in rest if n in store.index.map]
-    for name, value in store.index.read(present).items():
+    for name, value in index.read([n for n in rest if n in index]).items():
         if round_to != "float32":
             value = value.to(getattr(torch, round_to))
         _set(model, name, value.to(device, dtype or torch.float32))
-    if tied:
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in block_names]
-    if missing:
-        raise UserError(f"{source.name}: the checkpoint lacks {missing[0]} ({len(missing)} tensors outside the blocks)")
     for name, buffer in list(model.named_buffers()):  # rotary tables were built on meta: rebuild them for real
         if buffer.is_meta:
             owner = model.get_submodule(name.rsplit(".", 1)[0])
@@ -211,6 +180,14 @@ def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     return model, tokenizer, blocks, store
+
+
+def scan_source(index: ShardIndex, export_dtype: str) -> None:
+    """The streaming twin of load.check_weights: every stored tensor, one at a time, before any work starts."""
+    from absorbdeploy.load import check_weights
+
+    for name in index.names:
+        check_weights(index.read([name]).items(), export_dtype)
 
 
 class StreamedRunner:
@@ -262,19 +239,17 @@ class StreamedRunner:
 
 
 def fp32_bytes(source) -> int | None:
-    """What the model weighs in memory in fp32, from the safetensors headers (no tensor is read)."""
-    from absorbdeploy.load import check_safetensors, weight_files
+    """What the model weighs in memory in fp32, from the safetensors headers (no weight is read)."""
+    from absorbdeploy.checkpoint import check_index, tensor_table
 
     if source.kind not in ("dir", "hub"):
         return None
     total = 0
-    for file in weight_files(source):
-        for key, info in check_safetensors(file).items():
-            if key != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                total += 4 * n
+    for _, shape in tensor_table(check_index(Path(source.path))).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += 4 * n
     return total
 
 

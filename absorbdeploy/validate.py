@@ -20,7 +20,20 @@ class Reference:
     target_lp: object  # [N, T-1]
     top1: object  # [N, T-1]
     logits: object  # [C, T, V] for the first C windows
-    ppl: float
+    ppl: float | None  # None when any score is non-finite
+    nonfinite: int = 0  # non-finite log-probs and logits
+
+
+def nonfinite(*tensors) -> int:
+    """How many entries of the given tensors (None skipped) are NaN or infinite."""
+    import torch
+
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+
+
+def finite_perplexity(target_lp) -> float | None:
+    """pydoc-v1 perplexity, or None when a log-prob is NaN/inf (a number computed from NaN is not a perplexity)."""
+    return None if nonfinite(target_lp) else perplexity(target_lp)
 
 
 @dataclass
@@ -43,24 +56,28 @@ def reference(runner: Runner, windows, compare_windows: int) -> Reference:
     scores = runner.score(windows)
     first = min(compare_windows, windows.shape[0])
     logits = runner.logits(windows[:first]).float() if first else None
-    return Reference(scores.target_logprobs, scores.top1, logits, perplexity(scores.target_logprobs))
+    bad = nonfinite(scores.target_logprobs, logits)
+    return Reference(scores.target_logprobs, scores.top1, logits, None if bad else perplexity(scores.target_logprobs), bad)
 
 
 def compare(runner: Runner, ref: Reference, windows) -> dict:
     """Scores of `runner` on `windows` against the reference."""
     start = time.perf_counter()
     scores = runner.score(windows)
+    mine = runner.logits(windows[: ref.logits.shape[0]]).float() if runner.exposes_logits and ref.logits is not None else None
     result = {
-        "ppl": perplexity(scores.target_logprobs),
-        "top1_agreement": float((scores.top1 == ref.top1).float().mean()),
-        "max_abs_logprob_diff": float((scores.target_logprobs - ref.target_lp).abs().max()),
-        "max_abs_logit_diff": None,
+        "nonfinite": nonfinite(scores.target_logprobs, mine),
+        "ppl": None, "top1_agreement": None, "max_abs_logprob_diff": None, "max_abs_logit_diff": None,
         "logit_metric": "next-token log-prob (the runtime exposes log-probs, not logits)",
     }
-    if runner.exposes_logits and ref.logits is not None:
-        mine = runner.logits(windows[: ref.logits.shape[0]]).float()
-        result["max_abs_logit_diff"] = float((mine - ref.logits).abs().max())
+    if mine is not None:
         result["logit_metric"] = f"logits over the full vocabulary, first {ref.logits.shape[0]} windows"
+    if not result["nonfinite"] and not ref.nonfinite:  # comparisons with NaN would say nothing (or "agreement 1.0")
+        result["ppl"] = perplexity(scores.target_logprobs)
+        result["top1_agreement"] = float((scores.top1 == ref.top1).float().mean())
+        result["max_abs_logprob_diff"] = float((scores.target_logprobs - ref.target_lp).abs().max())
+        if mine is not None:
+            result["max_abs_logit_diff"] = float((mine - ref.logits).abs().max())
     result["score_seconds"] = time.perf_counter() - start
     return result
 
@@ -68,7 +85,7 @@ def compare(runner: Runner, ref: Reference, windows) -> dict:
 def checked_diff(result: dict) -> float:
     """The number the max_abs_logit_diff gate reads: logits where the runtime has them, else next-token log-probs."""
     value = result.get("max_abs_logit_diff")
-    return result["max_abs_logprob_diff"] if value is None else value
+    return result.get("max_abs_logprob_diff") if value is None else value
 
 
 def gate_verdicts(gates: Gates, artefacts: dict) -> list[dict]:
@@ -79,6 +96,10 @@ def gate_verdicts(gates: Gates, artefacts: dict) -> list[dict]:
             verdicts.append({"gate": "reload", "artefact": name, "value": None, "limit": None, "passed": False,
                              "detail": result["error"]})
             continue
+        for what, count in (("", result.get("nonfinite", 0)), (" (dense baseline)", result.get("dense_nonfinite", 0))):
+            if count:
+                verdicts.append({"gate": "finite_scores", "artefact": name + what, "value": count, "limit": 0,
+                                 "passed": False, "detail": f"{count} NaN/inf log-probs or logits in {result['runtime']}"})
         checks = [
             ("max_ppl_ratio", result.get("ppl_ratio"), gates.max_ppl_ratio, lambda v, lim: v <= lim),
             ("max_abs_logit_diff", checked_diff(result), gates.max_abs_logit_diff, lambda v, lim: v <= lim),
@@ -152,9 +173,10 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windo
             except Exception as e:
                 results[fmt] = _failure(fmt, e)
         ref = reference(subjects.reference, windows, v.compare_windows)
-        dense_ppl = perplexity(subjects.dense.score(windows).target_logprobs)
-        runtimes = {"torch": {"dense_ppl": dense_ppl, "sparse_ppl": ref.ppl, "ppl_ratio": ref.ppl / dense_ppl}}
-        progress.log(f"    torch: dense PPL {dense_ppl:.3f}, pruned PPL {ref.ppl:.3f}")
+        dense_lp = subjects.dense.score(windows).target_logprobs
+        dense_ppl, dense_bad = finite_perplexity(dense_lp), nonfinite(dense_lp)
+        runtimes = {"torch": {"dense_ppl": dense_ppl, "sparse_ppl": ref.ppl, "ppl_ratio": _ratio(ref.ppl, dense_ppl)}}
+        progress.log(f"    torch: dense PPL {_show(dense_ppl)}, pruned PPL {_show(ref.ppl)}")
         for fmt in artefacts:
             if fmt in results:
                 continue
@@ -180,8 +202,9 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windo
         if "error" in result:
             progress.log(f"    {fmt}: RELOAD FAILED: {result['error']}")
         else:
-            progress.log(f"    {fmt} ({result['runtime']}): PPL {result['ppl']:.3f} (dense {result['dense_ppl']:.3f}, "
-                         f"{result['dense_runtime']}), top-1 {result['top1_agreement']:.4f}, max diff {checked_diff(result):.2e}")
+            progress.log(f"    {fmt} ({result['runtime']}): PPL {_show(result['ppl'])} (dense {_show(result['dense_ppl'])}, "
+                         f"{result['dense_runtime']}), top-1 {_show(result['top1_agreement'], '.4f')}, "
+                         f"max diff {_show(checked_diff(result), '.2e')}")
     ordered = {f: results[f] for f in artefacts}
     from absorbdeploy import zeroshot
 
@@ -190,7 +213,7 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windo
     else:
         zero_shot = {"status": "skipped", "reason": "streaming mode: the model is never whole in memory"}
     return {"dense_ppl": dense_ppl, "reference_ppl": ref.ppl, "artefacts": ordered, "runtimes": runtimes,
-            "gates": gate_verdicts(v.gates, ordered), "device": device_description(), "zero_shot": zero_shot,
+            "gates": torch_verdicts(ref.nonfinite, dense_bad) + gate_verdicts(v.gates, ordered), "device": device_description(), "zero_shot": zero_shot,
             "dense_bytes": subjects.dense_bytes or {}}
 
 
@@ -224,13 +247,30 @@ def _score_artefact(fmt, runner, artefacts, ref, windows, dense_ppl, dense_runne
     result["audit"] = module.describe(artefacts[fmt].path)["audit"]
     result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
     if fmt in dense_runners:
-        result["dense_ppl"] = perplexity(dense_runners[fmt][0].score(windows).target_logprobs)
+        dense_lp = dense_runners[fmt][0].score(windows).target_logprobs
+        result["dense_ppl"], result["dense_nonfinite"] = finite_perplexity(dense_lp), nonfinite(dense_lp)
         result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense_runners[fmt][1]
         runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
-    result["ppl_ratio"] = result["ppl"] / result["dense_ppl"]
+    result["ppl_ratio"] = _ratio(result["ppl"], result["dense_ppl"])
     if runner is not None and runner.runtime in runtimes:
         runtimes[runner.runtime]["ppl_ratio"] = result["ppl_ratio"]
     return result
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def _show(value, spec: str = ".3f") -> str:
+    return "n/a (non-finite scores)" if value is None else format(value, spec)
+
+
+def torch_verdicts(reference_nonfinite: int, dense_nonfinite: int) -> list[dict]:
+    """The in-memory models themselves must score finitely, or no comparison against them means anything."""
+    return [{"gate": "finite_scores", "artefact": what, "value": count, "limit": 0, "passed": False,
+             "detail": f"{count} NaN/inf log-probs or logits from the {what}"}
+            for what, count in (("in-memory pruned model (torch)", reference_nonfinite),
+                                ("in-memory dense model (torch)", dense_nonfinite)) if count]
 
 
 def dense_weight_bytes(model, dtype: str) -> int:

@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from absorbdeploy import data, load, pipeline, prune  # noqa: E402
+from absorbdeploy.source import resolve_source  # noqa: E402
 from absorbdeploy.progress import Progress  # noqa: E402
-from absorbdeploy.recipe import Recipe, override  # noqa: E402
+from absorbdeploy.recipe import Recipe, override, settle  # noqa: E402
 from absorbdeploy.report import environment  # noqa: E402
 from absorbdeploy.runners import TorchRunner, perplexity  # noqa: E402
 
@@ -27,14 +28,14 @@ def recipe(**sets) -> Recipe:
     r = override(override(Recipe(), "export.dtype=float32"), "absorption.enabled=false")
     for key, value in sets.items():
         r = override(r, f"{key.replace('__', '.')}={value}")
-    return r
+    return settle(r)[0]
 
 
 class Harness:
     def __init__(self, model: str | None = None, eval_windows: int | None = 16, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.lm = load.load(load.resolve_source(model), torch.device("cpu"))
+        self.lm = load.load(resolve_source(model), torch.device("cpu"))
         self.dense = {n: p.detach().clone() for n, p in self.lm.model.named_parameters()}
         self.corpus = data.build_corpus(self.lm.tokenizer, None, None)
         self.evals = data.eval_windows(self.corpus, 512, eval_windows)

@@ -33,11 +33,12 @@ def make_models(folder: Path, names) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from absorbdeploy import load
+    from absorbdeploy.source import resolve_source
 
     models = {}
     smol = folder / "smollm2-fp32"
     if not smol.exists():
-        lm = load.load(load.resolve_source(None), torch.device("cpu"))
+        lm = load.load(resolve_source(None), torch.device("cpu"))
         lm.model.save_pretrained(smol)
         lm.tokenizer.save_pretrained(smol)
         del lm
@@ -64,22 +65,24 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     import torch
 
     from absorbdeploy import load, pipeline, stream
+    from absorbdeploy.source import resolve_source
     from absorbdeploy.progress import Progress, _PeakRSS
-    from absorbdeploy.recipe import Recipe, override
+    from absorbdeploy.recipe import Recipe, override, settle
 
     process_peak = _PeakRSS()
     r = Recipe()
     for a in (f"calibration.nsamples={nsamples}", f"calibration.seqlen={seqlen}", "allocation.method=uniform",
               "prune.method=wanda", "prune.sparsity=0.5", "absorption.enabled=false", f"streaming.mode={mode}", "export.dtype=bfloat16"):
         r = override(r, a)
-    source = load.resolve_source(model_dir)
+    r = settle(r)[0]
+    source = resolve_source(model_dir)
     start = time.perf_counter()
     if mode == "on":
         lm = load.load_streaming(source, torch.device("cpu"), "bfloat16")
         lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.streaming_shard_bytes(r.export.max_shard_size))
     else:
         lm = load.load(source, torch.device("cpu"))
-        pipeline.round_weights(lm.model, "bfloat16")
+        load.round_weights(lm.model, "bfloat16")
     loaded = time.perf_counter() - start
     from absorbdeploy import data
 

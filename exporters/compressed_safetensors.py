@@ -16,55 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from absorbdeploy.bitmask import PARTS, compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode  # noqa: F401
 from absorbdeploy.errors import UserError
 from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, unique_state_dict, write_sidecar
 
 FORMAT = "compressed-safetensors"
 LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose on-disk layout this reproduces
-
-
-def compress_bitmask(w) -> dict:
-    import numpy as np
-    import torch
-
-    mask = w != 0
-    count = mask.sum(dim=1)
-    bits = np.packbits(mask.cpu().numpy(), axis=-1, bitorder="little")
-    return {"shape": torch.tensor(list(w.shape), dtype=torch.int64), "compressed": w[mask].contiguous(),
-            "bitmask": torch.from_numpy(bits), "row_offsets": (torch.cumsum(count, 0) - count).to(torch.int64)}
-
-
-def decompress_bitmask(parts: dict):
-    import numpy as np
-    import torch
-
-    rows, columns = (int(v) for v in parts["shape"].reshape(-1))
-    mask = np.unpackbits(parts["bitmask"].numpy(), axis=-1, count=columns, bitorder="little").astype(bool)
-    dense = torch.zeros(rows, columns, dtype=parts["compressed"].dtype)
-    dense[torch.from_numpy(mask)] = parts["compressed"]
-    return dense
-
-
-def compress_24(w) -> dict:
-    import numpy as np
-    import torch
-
-    from absorbdeploy.masks import is_nm
-
-    rows, columns = w.shape
-    if not is_nm(w, 2, 4):
-        raise UserError("sparse-24-bitmask refused: a tensor is not 2:4 sparse (some group of 4 inputs has fewer than 2 zeros); "
-                        "the legacy format would silently re-prune it")
-    groups = w.reshape(-1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().float().topk(2, dim=1).indices, True)
-    keep = keep.view(rows, columns)
-    bits = np.packbits(keep.cpu().numpy(), axis=-1, bitorder="little")
-    return {"shape": torch.tensor([rows, columns], dtype=torch.int64).reshape(-1, 1),
-            "compressed": w[keep].reshape(rows, columns // 2).contiguous(), "bitmask": torch.from_numpy(bits)}
-
-
-def decompress_24(parts: dict):
-    return decompress_bitmask({"shape": parts["shape"], "bitmask": parts["bitmask"], "compressed": parts["compressed"].reshape(-1)})
 
 
 def _source_tensors(model, spec: ExportSpec):
@@ -86,18 +43,18 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     start = time.perf_counter()
     out = Path(out_dir)
     layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
-    codec = compress_24 if layout == "sparse-24-bitmask" else compress_bitmask
     limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
     writer = ShardWriter(out, limit)
     prunable = set(spec.prunable)
     for name, t in _source_tensors(model, spec):
         if name in prunable:
             module = name[: -len(".weight")]
-            writer.add({f"{module}.{k}": v for k, v in codec(t).items()}, group=True)
+            writer.add({f"{module}.{k}": v for k, v in encode(t, layout).items()}, group=True)
         else:
             writer.add({name: t})
     writer.finish()
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
     config["dtype"] = spec.dtype
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
@@ -123,14 +80,13 @@ def _decoded_shards(out_dir):
     layout = config.get("quantization_config", {}).get("sparsity_config", {}).get("format")
     if layout not in ("sparse-bitmask", "sparse-24-bitmask"):
         raise UserError(f"{out_dir}/config.json has no sparse-bitmask sparsity_config; not a {FORMAT} export")
-    decode = decompress_24 if layout == "sparse-24-bitmask" else decompress_bitmask
     for file in sorted(Path(out_dir).glob("*.safetensors")):
         raw = load_file(str(file))
         modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        parts = {f"{m}.{p}" for m in modules for p in ("shape", "compressed", "bitmask", "row_offsets")}
+        parts = {f"{m}.{p}" for m in modules for p in PARTS}
         decoded = {k: v for k, v in raw.items() if k not in parts}
         for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in ("shape", "compressed", "bitmask") if f"{m}.{p}" in raw})
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
         yield decoded, layout
 
 
@@ -138,7 +94,7 @@ def matches_checkpoint(out_dir, checkpoint) -> bool:
     """Decode shard by shard and compare every tensor bit for bit with a dense checkpoint (vllm/); constant memory."""
     import torch
 
-    from absorbdeploy.stream import ShardIndex
+    from absorbdeploy.checkpoint import ShardIndex
 
     index, seen = ShardIndex(Path(checkpoint)), 0
     for decoded, _ in _decoded_shards(out_dir):
@@ -171,7 +127,7 @@ def load(out_dir):
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    from absorbdeploy.load import BLOCK_PATHS
+    from absorbdeploy.source import BLOCK_PATHS
     from absorbdeploy.runners import TorchRunner
 
     state, _ = read_state_dict(out_dir)

@@ -21,9 +21,17 @@ FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
 KV_DIR = "kv"
 DATA_FILE = "model.onnx.data"
-PROTOBUF_LIMIT = 2**31 - 1
-EXTERNAL_DATA_ABOVE = 1 << 30  # dense bytes above which weights go to external data (well under the 2 GiB limit)
+PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialise a message this large: model.onnx must stay below it
+EXTERNAL_DATA_ABOVE = 1 << 30  # dense bytes above which weights go to external data even when everything would fit
 INDEX_BYTES = 8  # int64 linear index per non-zero
+
+
+def inline_budget(proto, limit: int) -> int:
+    """Bytes of tensor data model.onnx may hold inline: the limit less the graph itself (nodes carry the exporter's
+    metadata, about 2 KB each) and a margin."""
+    g = proto.graph
+    graph = sum(x.ByteSize() for part in (g.node, g.value_info, g.input, g.output) for x in part)
+    return limit - graph - min(64 << 20, limit // 16)
 
 
 def sparse_is_smaller(numel: int, nnz: int, itemsize: int) -> bool:
@@ -63,8 +71,9 @@ def _to_graph(model, opset: int):
     return program.model_proto
 
 
-def _sparsify(proto, spec: ExportSpec) -> tuple[dict, list[str]]:
-    """Swap pruned initializers for Constant(sparse_value) nodes where allowed; returns {hf name: onnx name} and notes."""
+def _sparsify(proto, spec: ExportSpec, budget: int) -> tuple[dict, list[str], int]:
+    """Swap pruned initializers for Constant(sparse_value) nodes where allowed and where the inline sparse data stays
+    within the protobuf budget; returns {hf name: onnx name}, notes and the inline sparse bytes."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -83,9 +92,9 @@ def _sparsify(proto, spec: ExportSpec) -> tuple[dict, list[str]]:
         smaller = sparse_is_smaller(flat.size, nz.size, flat.itemsize)
         wanted = spec.onnx_sparse == "always" or (spec.onnx_sparse == "auto" and smaller)
         size = nz.size * (flat.itemsize + INDEX_BYTES)
-        if not wanted or inline + size > PROTOBUF_LIMIT - (256 << 20):
-            if wanted:
-                notes.append(f"{hf}: kept dense, the protobuf would pass 2 GiB with more inline sparse data")
+        if not wanted or inline + size > budget:
+            if wanted:  # sparse tensors cannot go to external data: past the budget they are stored dense
+                notes.append(f"{hf}: stored dense, inline sparse data would pass the protobuf limit")
             keep.append(init)
             continue
         values = numpy_helper.from_array(flat[nz], name=init.name)
@@ -101,7 +110,7 @@ def _sparsify(proto, spec: ExportSpec) -> tuple[dict, list[str]]:
     proto.graph.node.extend(constants + nodes)
     notes.insert(0, f"{sparse_count} of {len(names)} pruned weights stored sparse (policy {spec.onnx_sparse}); "
                     "onnxruntime densifies them at session creation")
-    return names, notes
+    return names, notes, inline
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
@@ -123,11 +132,14 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
         source = copy.deepcopy(source).to("cpu", getattr(torch, spec.onnx_dtype))
     proto = _to_graph(source, spec.onnx_opset)
     proto.ir_version = min(proto.ir_version, 10)  # onnxruntime >= 1.20 reads IR 10; newer onnx defaults are refused
-    names, notes = _sparsify(proto, spec)
+    budget = inline_budget(proto, PROTOBUF_LIMIT)
+    names, notes, inline = _sparsify(proto, spec, budget)
     dense_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
-    external = dense_bytes > EXTERNAL_DATA_ABOVE
+    external = dense_bytes > EXTERNAL_DATA_ABOVE or dense_bytes + inline > budget
     onnx.save_model(proto, str(out / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
+    if (out / MODEL_FILE).stat().st_size >= PROTOBUF_LIMIT:
+        raise RuntimeError(f"{MODEL_FILE} passed the protobuf limit despite external data")  # a bug, never expected
     onnx.checker.check_model(str(out / MODEL_FILE))
     write_sidecar(out, spec, FORMAT)
     _add_names(out, names)

@@ -53,8 +53,9 @@ def tiny_trained_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     from absorbdeploy import load
+    from absorbdeploy.source import resolve_source
 
-    source = load.resolve_source(None)
+    source = resolve_source(None)
     import torch
 
     return load.load(source, torch.device("cpu"))

@@ -50,3 +50,57 @@ def eval_ppl(model, windows: int = 8, seqlen: int = 64) -> float:
 
     corpus = data.build_corpus(byte_tokenizer(), None, None)
     return perplexity(TorchRunner(model).score(data.eval_windows(corpus, seqlen, windows)).target_logprobs)
+
+
+def assert_refused(proc, fragment: str, out=None, code: int = 2) -> str:
+    """The catalogue's rule: exit `code`, exactly one line on stderr containing `fragment`, no traceback, and neither
+    DIR/ nor DIR.tmp/ left behind."""
+    from pathlib import Path
+
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-1500:])
+    assert len(lines) == 1, proc.stderr[-1500:]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    if out is not None:
+        assert not Path(out).exists() and not Path(str(out) + ".tmp").exists()
+    return lines[0]
+
+
+def tiny_checkpoint(folder, tie: bool = False, dtype=None, shard: str | None = None, architecture: str = "llama",
+                    edit=None, config: dict | None = None):
+    """The 2-block tiny checkpoint of the robustness issue, saved with save_pretrained and the byte tokenizer;
+    `edit(state_dict)` changes model.safetensors afterwards, `config` fields replace config.json's."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from absorbdeploy.tiny import byte_tokenizer
+
+    extra = {"qwen2": {}, "qwen3": {"head_dim": 64}}.get(architecture, {})
+    cfg = AutoConfig.for_model(architecture, vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
+                               max_position_embeddings=1024, **extra)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    with torch.no_grad():  # random init leaves biases and norms at 0/1: give every tensor distinct values
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    byte_tokenizer().save_pretrained(folder)
+    if edit is not None:
+        state = load_file(str(folder / "model.safetensors"))
+        edit(state)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return folder

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from absorbdeploy import absorb, allocate, calibrate, data, prune
 from absorbdeploy.load import decoder_blocks
-from absorbdeploy.recipe import Recipe, override
+from absorbdeploy.recipe import Recipe, override, settle
 from absorbdeploy.tiny import byte_tokenizer
 
 
@@ -22,6 +22,7 @@ def setup(tiny_trained_dir):
     for assignment in ("calibration.nsamples=8", "calibration.seqlen=64", "absorption.enabled=true",
                        "absorption.probe_samples=4", "absorption.probe_seqlen=64", "allocation.method=uniform"):
         r = override(r, assignment)
+    r = settle(r)[0]
     windows = data.calibration_windows(data.build_corpus(byte_tokenizer(), None, None), 8, 64)
     runner = calibrate.BlockRunner(model, blocks, 4)
     profile = calibrate.dense_profile(runner, windows, False, (4, 64))

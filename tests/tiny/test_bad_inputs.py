@@ -68,7 +68,11 @@ def make(case: str, tmp: Path) -> list[str]:
         tiny_dir(model_dir, model_type="gpt2", architectures=["GPT2LMHeadModel", "GPT2ForCausalLM"])
         return ["prune-and-export", str(model_dir), *out]
     if case == "model with no decoder blocks":
-        tiny_dir(model_dir, num_hidden_layers=0)
+        from absorbdeploy.tiny import build_tiny_llama
+
+        model, tokenizer = build_tiny_llama(num_hidden_layers=0)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
         return ["prune-and-export", str(model_dir), *out, *FAST]
     if case == "hub id not in the offline cache":
         return ["prune-and-export", "no-such-org/no-such-model", *out]

@@ -8,7 +8,8 @@ import torch
 
 from absorbdeploy import exporters
 from absorbdeploy.errors import UserError
-from absorbdeploy.pipeline import prunable_names, round_weights
+from absorbdeploy.load import round_weights
+from absorbdeploy.pipeline import prunable_names
 from absorbdeploy.runners import TorchRunner
 from tests.helpers import prune_in_memory
 
@@ -152,3 +153,23 @@ def test_onnx_external_data_path_reloads(tmp_path, monkeypatch):
     with module.load(artefact.path) as runner:
         assert (runner.logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4
     assert module.describe(artefact.path)["audit"]["sparsity"] == 0.5
+
+
+def test_onnx_model_file_stays_under_the_protobuf_limit(tmp_path, monkeypatch):
+    """The limit lowered to 3 MB (the tiny graph's nodes alone are about 2 MB): inline sparse data past the budget is
+    stored dense, and dense data goes external."""
+    import dataclasses
+
+    if "onnx" not in INSTALLED:
+        pytest.skip("onnx not installed")
+    module = exporters.get("onnx")
+    limit = 3_000_000
+    monkeypatch.setattr(module, "PROTOBUF_LIMIT", limit)
+    model, tokenizer, spec = pruned_tiny("bfloat16")
+    artefact = module.export(model, tokenizer, tmp_path / "o", dataclasses.replace(spec, onnx_sparse="always"))
+    assert (tmp_path / "o" / "model.onnx").stat().st_size < limit
+    assert "model.onnx.data" in artefact.files
+    assert any("stored dense, inline sparse data would pass the protobuf limit" in n for n in artefact.notes)
+    assert not artefact.notes[0].startswith("0 of")  # some weights still fit inline as sparse tensors
+    with module.load(artefact.path) as runner:
+        assert (runner.logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4

@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import run_cli
 
-ARGS = ["prune-and-export", "builtin:tiny-llama", "--recipe", "smoke-tiny", "--formats", "onnx,compressed-safetensors",
-        "--set", "calibration.nsamples=64", "--set", "calibration.seqlen=512", "--set", "allocation.method=owl",
-        "--set", "validate.latency.enabled=false"]
+COMMON = ["prune-and-export", "builtin:tiny-llama", "--recipe", "smoke-tiny", "--formats", "onnx,compressed-safetensors",
+          "--set", "allocation.method=owl", "--set", "validate.latency.enabled=false"]
+ARGS = COMMON + ["--set", "calibration.nsamples=64", "--set", "calibration.seqlen=512"]
 STAGE_LINE = {"calibrate": "[3/9] calibrate", "prune": "[6/9] prune", "export": "[7/9] export"}
 
 
@@ -44,7 +44,7 @@ def test_interrupted_run_leaves_no_output_directory(stage, sig, tmp_path):
         assert not (tmp_path / "run.tmp").exists()
     else:
         assert proc.returncode == -signal.SIGKILL and (tmp_path / "run.tmp").is_dir()
-        rerun = run_cli(*ARGS, "--out", out, "--set", "calibration.nsamples=8", "--set", "calibration.seqlen=128")
+        rerun = run_cli(*COMMON, "--out", out, "--set", "calibration.nsamples=8", "--set", "calibration.seqlen=128")
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert f"removed {tmp_path / 'run.tmp'} left behind by an interrupted run" in rerun.stdout
         assert (out / "report.json").is_file() and not (tmp_path / "run.tmp").exists()

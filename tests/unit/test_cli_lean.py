@@ -27,6 +27,8 @@ sys.exit(code)
         (["prune-and-export", "--help"], 0),
         (["list-recipes"], 0),
         (["list-formats"], 0),
+        (["serve", "--help"], 0),
+        (["serve", "/no/such/dir"], 2),
         (["prune-and-export", "--recipe", "no-such-recipe"], 2),
         (["prune-and-export", "/no/such/model"], 2),
         (["prune-and-export", "--set", "prune.sparsity=2"], 2),

@@ -1,0 +1,84 @@
+"""Validation's verdicts, which decide the exit code: comparisons against the reference, non-finite scores, gates."""
+
+import math
+
+import pytest
+import torch
+
+from absorbdeploy import validate
+from absorbdeploy.recipe import Gates
+from absorbdeploy.runners import Runner, perplexity, target_logprobs
+
+IDS = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+class Fixed(Runner):
+    """A runner that returns given logits [B, T, V] for IDS."""
+
+    runtime = "fixed"
+
+    def __init__(self, logits):
+        self.values = logits
+
+    def logits(self, ids):
+        return self.values[: ids.shape[0]]
+
+
+def _logits(seed: int):
+    return torch.randn(3, 12, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_identical_runner_agrees_exactly():
+    ref = validate.reference(Fixed(_logits(1)), IDS, compare_windows=2)
+    result = validate.compare(Fixed(_logits(1)), ref, IDS)
+    assert result["nonfinite"] == 0 and result["top1_agreement"] == 1.0
+    assert result["max_abs_logit_diff"] == 0.0 and result["max_abs_logprob_diff"] == 0.0
+    assert result["ppl"] == pytest.approx(perplexity(target_logprobs(_logits(1), IDS)))
+    assert math.isclose(ref.ppl, result["ppl"])
+
+
+def test_a_different_runner_is_measured_not_excused():
+    ref = validate.reference(Fixed(_logits(1)), IDS, compare_windows=2)
+    other = _logits(2)
+    result = validate.compare(Fixed(other), ref, IDS)
+    assert result["max_abs_logit_diff"] == pytest.approx(float((other[:2] - _logits(1)[:2]).abs().max()))
+    assert result["top1_agreement"] < 0.5
+    verdicts = validate.gate_verdicts(Gates(max_abs_logit_diff=1e-3, min_top1_agreement=0.99), {"x": {**result, "runtime": "r"}})
+    assert {v["gate"]: v["passed"] for v in verdicts} == {"max_abs_logit_diff": False, "min_top1_agreement": False}
+
+
+def test_nan_logits_fail_a_gate_and_claim_no_agreement():
+    ref = validate.reference(Fixed(_logits(1)), IDS, compare_windows=2)
+    broken = _logits(1).clone()
+    broken[0, 3, :] = float("nan")
+    result = validate.compare(Fixed(broken), ref, IDS)
+    assert result["nonfinite"] > 0
+    assert result["ppl"] is None and result["top1_agreement"] is None and result["max_abs_logit_diff"] is None
+    verdicts = validate.gate_verdicts(Gates(), {"onnx": {**result, "runtime": "onnxruntime"}})
+    assert [v["gate"] for v in verdicts if not v["passed"]] == ["finite_scores"]
+    assert "NaN/inf" in verdicts[0]["detail"]
+
+
+def test_a_non_finite_reference_or_dense_model_is_a_failed_gate():
+    broken = _logits(1).clone()
+    broken[1, 0, 0] = float("inf")
+    ref = validate.reference(Fixed(broken), IDS, compare_windows=2)
+    assert ref.ppl is None and ref.nonfinite > 0
+    assert validate.compare(Fixed(_logits(1)), ref, IDS)["top1_agreement"] is None
+    verdicts = validate.torch_verdicts(ref.nonfinite, 0) + validate.torch_verdicts(0, 5)
+    assert [v["artefact"] for v in verdicts] == ["in-memory pruned model (torch)", "in-memory dense model (torch)"]
+    assert not any(v["passed"] for v in verdicts) and validate.torch_verdicts(0, 0) == []
+
+
+def test_gates_read_log_probs_where_a_runtime_has_no_logits():
+    result = {"runtime": "vllm", "ppl": 10.0, "ppl_ratio": 1.2, "top1_agreement": 1.0, "max_abs_logprob_diff": 2e-3,
+              "max_abs_logit_diff": None, "nonfinite": 0}
+    verdicts = validate.gate_verdicts(Gates(max_ppl_ratio=1.5, max_abs_logit_diff=1e-3), {"vllm": result})
+    assert {v["gate"]: (v["value"], v["passed"]) for v in verdicts} == {
+        "max_ppl_ratio": (1.2, True), "max_abs_logit_diff": (2e-3, False), "min_top1_agreement": (1.0, True)}
+
+
+def test_a_reload_error_is_a_failed_gate_with_its_cause():
+    verdicts = validate.gate_verdicts(Gates(), {"vllm": {"runtime": "vllm", "error": "RuntimeError: engine died"}})
+    assert verdicts == [{"gate": "reload", "artefact": "vllm", "value": None, "limit": None, "passed": False,
+                         "detail": "RuntimeError: engine died"}]
