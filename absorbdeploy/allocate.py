@@ -13,6 +13,8 @@ prune counts whose sum is round(S * N) exactly.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 
 def _weighted_mean(values, weights) -> float:
@@ -120,42 +122,55 @@ def integer_counts(block_sparsities, matrix_sizes, target: float) -> list[list[i
     return counts
 
 
-# ------------------------------------------------------------------------------------------------------ stage glue
-
-NEEDS_ACTIVATIONS = ("owl", "dlp")
+# ------------------------------------------------------------------------------------------------------ the table
 
 
-def block_score(method: str, block, stats, cfg) -> float:
-    """The per-block signal each allocator reads: OWL outlier ratio, DLP mean Wanda score, AlphaPruning mean alpha."""
-    from absorbdeploy.esd import matrix_alpha
-    from absorbdeploy.load import prunable_linears
+def _wanda(weights, col_norms):
     from absorbdeploy.masks import wanda_scores
 
-    linears = prunable_linears(block)
-    if method == "alpha":
-        return sum(matrix_alpha(m.weight) for _, m in linears) / len(linears)
-    scores = [wanda_scores(m.weight, stats[name].col_norm) for name, m in linears]
-    return owl_outlier_ratio(scores, cfg.owl.m) if method == "owl" else mean_score(scores)
+    return [wanda_scores(w, n) for w, n in zip(weights, col_norms)]
 
 
-def block_scores(method: str, runner, stats, cfg) -> list[float] | None:
-    if method in ("uniform", "atp"):
-        return None
-    result = []
-    for k in range(len(runner.blocks)):
-        with runner.block(k) as block:
-            result.append(block_score(method, block, stats[k] if stats else None, cfg))
-    return result
+def _owl_score(weights, col_norms, options) -> float:
+    return owl_outlier_ratio(_wanda(weights, col_norms), options.m)
 
 
-def base_allocation(method: str, scores, params, target: float, cfg) -> list[float]:
-    """The allocator's sparsities, projected onto the exact budget within [cfg.min, cfg.max]."""
-    n = len(params)
-    raw = {
-        "uniform": lambda: uniform(n, target),
-        "owl": lambda: owl(scores, target, cfg.owl.lam),
-        "alpha": lambda: alpha_pruning(scores, params, target, cfg.alpha.eps),
-        "dlp": lambda: dlp(scores, target, cfg.dlp.alpha),
-        "atp": lambda: atp(n, target, cfg.atp.beta),
-    }[method]()
-    return project(raw, params, target, cfg.min, cfg.max)
+def _dlp_score(weights, col_norms, options) -> float:
+    return mean_score(_wanda(weights, col_norms))
+
+
+def _alpha_score(weights, col_norms, options) -> float:
+    from absorbdeploy.esd import matrix_alpha
+
+    return sum(matrix_alpha(w) for w in weights) / len(weights)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """One layer-wise allocator: its per-block signal and how it turns the signals into sparsities."""
+
+    score: Callable | None  # (weights of a block's Linears, their input norms ||x|| or None, options) -> float
+    needs_norms: bool  # the score reads Wanda's input norms (a dense calibration pass)
+    allocate: Callable  # (scores | None, params per block, target, options) -> raw sparsities (before `project`)
+    correction: str  # how the absorption correction composes with it: "additive" or "multiplicative"
+    summary: str
+    varies: bool = True  # gives blocks different sparsities (an N:M structure fixes every block's: only uniform fits)
+
+
+ALLOCATORS = {
+    "uniform": Allocator(None, False, lambda scores, params, target, o: uniform(len(params), target), "additive",
+                         "every block at the target", varies=False),
+    "owl": Allocator(_owl_score, True, lambda scores, params, target, o: owl(scores, target, o.lam), "additive",
+                     "outlier ratio per block (Yin et al. 2024)"),
+    "alpha": Allocator(_alpha_score, False, lambda scores, params, target, o: alpha_pruning(scores, params, target, o.eps),
+                       "multiplicative", "heavy-tail exponent of the weight spectra (Lu et al. 2024)"),
+    "dlp": Allocator(_dlp_score, True, lambda scores, params, target, o: dlp(scores, target, o.alpha), "additive",
+                     "mean Wanda score per block (DLP)"),
+    "atp": Allocator(None, False, lambda scores, params, target, o: atp(len(params), target, o.beta), "additive",
+                     "arithmetic progression in depth (ATP)"),
+}
+
+
+def base_allocation(method: str, scores, params, target: float, options, low: float, high: float) -> list[float]:
+    """The allocator's sparsities, projected onto the exact budget within [low, high]."""
+    return project(ALLOCATORS[method].allocate(scores, params, target, options), params, target, low, high)

@@ -4,13 +4,14 @@
 then runs any block on any hidden states in micro-batches. `collect_stats` hooks every Linear of one block and sums, per
 distinct input (q/k/v share one, gate/up share one), the Wanda statistic nu_j = sum_t x_tj^2 and, for SparseGPT, the
 Hessian proxy sum_t x_t x_t^T (pruning §2). `dense_profile` is the one dense pass (pruning §8.1): statistics for every
-block, plus the dense hidden states on the probe windows that the absorption probe reuses.
+block, plus the dense hidden states on the probe windows that the absorption probe reuses; `block_scores` reads the
+allocators' per-block signals from it.
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from absorbdeploy.load import prunable_linears
+from absorbdeploy.blocks import prunable_linears
 
 
 class _StopForward(Exception):
@@ -186,24 +187,33 @@ class DenseProfile:
 
     stats: list[dict[str, InputStats]]
     probe_hidden: list | None = None  # [L+1] tensors [P, T_p, d]: input of block 0, then the output of every block
-    block_seconds: list[float] = field(default_factory=list)
 
 
 def dense_profile(runner: BlockRunner, windows, with_hessian: bool, probe: tuple[int, int] | None, progress=None) -> DenseProfile:
     """The dense sequential pass over all blocks; `probe` = (samples, seqlen) of the windows whose states are kept."""
-    import time
-
     hidden = runner.embed(windows)
     keep = (lambda h: h[: probe[0], : probe[1]].clone()) if probe else None
     profile = DenseProfile(stats=[], probe_hidden=[keep(hidden)] if keep else None)
     for index in range(len(runner.blocks)):
-        start = time.perf_counter()
         with runner.block(index) as block:
             hidden, stats = collect_stats(runner, block, hidden, with_hessian)
         profile.stats.append(stats)
         if keep:
             profile.probe_hidden.append(keep(hidden))
-        profile.block_seconds.append(time.perf_counter() - start)
         if progress:
             progress.advance(index + 1, len(runner.blocks))
     return profile
+
+
+def block_scores(runner: BlockRunner, allocator, stats, options) -> list[float] | None:
+    """The allocator's per-block signal (allocate.ALLOCATORS entry) from each block's weights and, where it reads them,
+    the dense pass's input norms; None for allocators without one."""
+    if allocator.score is None:
+        return None
+    result = []
+    for k in range(len(runner.blocks)):
+        with runner.block(k) as block:
+            linears = prunable_linears(block)
+            norms = [stats[k][name].col_norm for name, _ in linears] if allocator.needs_norms else None
+            result.append(allocator.score([m.weight for _, m in linears], norms, options))
+    return result

@@ -130,7 +130,7 @@ def analyze(
     from absorbdeploy.progress import Progress
 
     plan = pipeline.preflight(dataclasses.replace(r, export=dataclasses.replace(r.export, formats=())), out, overwrite,
-                              trust_remote_code, origin, probe=True)
+                              trust_remote_code, origin, probe_all=True)
     progress = Progress(6, quiet=quiet)
     from absorbdeploy.atomic import watch_signals
 
@@ -190,10 +190,10 @@ def list_formats():
     """Export formats, whether their runtime is installed, and what each is for."""
     from absorbdeploy import exporters
 
-    for name, (_, description, _) in exporters.FORMATS.items():
+    for name, fmt in exporters.FORMATS.items():
         missing = exporters.missing_modules(name)
         state = "installed" if not missing else f"missing {', '.join(missing)}"
-        typer.echo(f"{name:<24} {state:<22} {description}")
+        typer.echo(f"{name:<24} {state:<22} {fmt.summary}")
 
 
 def _io_fault(error: BaseException) -> str | None:

@@ -111,3 +111,9 @@ def eval_windows(corpus: Corpus, seqlen: int, max_windows: int | None):
         raise UserError(f"evaluation text {corpus.eval_name} has {len(corpus.evaluation_ids)} tokens, fewer than one window of {seqlen}; lower validate.seqlen")
     count = available if max_windows is None else min(max_windows, available)
     return corpus.evaluation_ids[: count * seqlen].view(count, seqlen).clone()
+
+
+def check_context(limit: int | None, seqlen: int) -> None:
+    """Windows longer than the model's context (max_position_embeddings) would be scored past what it was trained on."""
+    if limit is not None and seqlen > limit:
+        raise UserError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens; lower calibration.seqlen / validate.seqlen")

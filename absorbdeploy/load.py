@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from absorbdeploy import checkpoint
+from absorbdeploy.blocks import decoder_blocks
 from absorbdeploy.errors import UserError
-from absorbdeploy.source import BLOCK_PATHS, ModelSource
+from absorbdeploy.source import ModelSource
 
 
 @dataclass
@@ -36,6 +37,12 @@ def resolve_device(requested: str):
         torch.backends.cudnn.allow_tf32 = False
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check_device_present(requested: str) -> None:
+    """--device cuda on a machine with no NVIDIA GPU, found without importing torch (preflight)."""
+    if requested == "cuda" and not any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvidia", "/dev/nvidiactl")):
+        raise UserError("--device cuda was requested but this machine has no NVIDIA GPU; use --device cpu or auto")
 
 
 def compute_dtype(device, export_dtype: str):
@@ -66,18 +73,6 @@ def load(source: ModelSource, device, trust_remote_code: bool = False, dtype=Non
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source, decoder_blocks(model, trust_remote_code), device)
-
-
-def load_streaming(source: ModelSource, device, round_to: str, trust_remote_code: bool = False, dtype=None) -> LoadedModel:
-    """A meta-device skeleton whose blocks are read from the shards only while a stage uses them (stream.py)."""
-    from transformers.utils import logging as hf_logging
-
-    from absorbdeploy.stream import open_skeleton
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    model, tokenizer, blocks, store = open_skeleton(source, device, round_to, trust_remote_code, dtype)
-    return LoadedModel(model, tokenizer, source, blocks, device, store)
 
 
 def _load_gguf(source: ModelSource):
@@ -204,23 +199,3 @@ def round_weights(model, dtype_name: str) -> dict:
                 peak = max(peak, float((rounded - p.data).abs().max()))
             p.data.copy_(rounded)
     return {"changed": changed, "weights": total, "max_abs_change": peak}
-
-
-def decoder_blocks(model, trust_remote_code: bool = False) -> list:
-    path = BLOCK_PATHS.get(getattr(model.config, "model_type", None))
-    if path is None and trust_remote_code:
-        path = "model.layers"
-    node = model
-    for attr in (path or "").split("."):
-        node = getattr(node, attr, None) if attr else None
-    blocks = list(node) if node is not None else []
-    if not blocks or not all(prunable_linears(b) for b in blocks):
-        raise UserError(f"no decoder blocks with Linear layers found at {path!r} in {type(model).__name__}")
-    return blocks
-
-
-def prunable_linears(block) -> list[tuple[str, object]]:
-    """Every nn.Linear inside a decoder block, in module order; the prunable set."""
-    import torch
-
-    return [(name, m) for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -64,7 +64,7 @@ def nm_mask(scores, n: int, m: int):
 
     rows, columns = scores.shape
     if columns % m:
-        raise UserError(f"prune.structure {n}:{m} needs every input dimension divisible by {m}; a Linear has {columns} inputs")
+        raise ValueError(f"{n}:{m} groups need the input dimension divisible by {m}, got {columns} (blocks.check_nm)")
     groups = scores.reshape(rows, columns // m, m)
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(2, groups.topk(n, dim=2, largest=False).indices, True)

@@ -16,7 +16,7 @@ import yaml
 
 from absorbdeploy.errors import UserError
 
-from absorbdeploy.recipe_rules import ModelFacts, check, parse_nm, settle  # noqa: F401  (part of the recipe's API)
+from absorbdeploy.recipe_rules import NM, ModelFacts, check, parse_nm, settle, structure_name  # noqa: F401  (the recipe's API)
 
 RECIPE_VERSION = 1
 
@@ -42,7 +42,7 @@ class SparseGPTOptions:
 class Prune:
     method: str = "wanda"
     sparsity: float | None = None  # None = 0.5, or N/M when structure is N:M
-    structure: str = "unstructured"  # or "N:M": N zeros in every M consecutive inputs of a row (2:4 = 50 %)
+    structure: NM | None = None  # YAML "unstructured" (None) or "N:M": N zeros in every M consecutive inputs of a row
     sparsegpt: SparseGPTOptions = field(default_factory=SparseGPTOptions)
 
 
@@ -138,7 +138,7 @@ class Validate:
     eval_windows: int | None = 16  # None = all windows
     seqlen: int | None = None  # None = 512, or the model's context when that is shorter
     compare_windows: int = 2  # windows on which full logits are compared (all windows compare next-token log-probs)
-    vllm_dtype: str = "float32"  # float32 checks the exported weights to ~1e-4; bfloat16 is the serving dtype
+    runtime_dtype: str = "float32"  # compute dtype where a runtime lets us choose (vLLM): float32 checks weights to ~1e-4
     latency: Latency = field(default_factory=Latency)
     gates: Gates = field(default_factory=Gates)
     zero_shot: ZeroShot = field(default_factory=ZeroShot)
@@ -278,6 +278,8 @@ def _field_type(cls, name: str):
 def _coerce(value, ftype, name: str, origin: str):
     """Check `value` against the annotation; ints are accepted where floats are expected, nothing else is converted."""
     args = typing.get_args(ftype)
+    if NM in args:  # prune.structure: parsed here, once
+        return parse_nm(value) if isinstance(value, (str, NM, type(None))) else parse_nm(_show(value))
     if isinstance(ftype, types.UnionType) or typing.get_origin(ftype) is typing.Union:
         if value is None and type(None) in args:
             return None
@@ -358,13 +360,17 @@ def _replace_path(node, parts: list[str], value, key: str, origin: str):
 
 def to_dict(recipe: Recipe) -> dict:
     def plain(x):
+        if isinstance(x, NM):
+            return str(x)
         if isinstance(x, tuple):
             return [plain(v) for v in x]
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         return x
 
-    return plain(dataclasses.asdict(recipe))
+    result = plain(dataclasses.asdict(recipe))
+    result["prune"]["structure"] = structure_name(recipe.prune.structure)
+    return result
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -9,14 +9,15 @@ refused. `check` raises `UserError` on the first violation, naming the key, the 
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from absorbdeploy.errors import UserError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATION_METHODS = ("uniform", "owl", "alpha", "dlp", "atp")
-ABSORPTION_DEFINITIONS = ("gain", "composed", "margin")
-ABSORPTION_MODES = ("auto", "additive", "multiplicative")
-EXPORT_FORMATS = ("vllm", "compressed-safetensors", "onnx")
+from absorbdeploy.absorb import CORRECTIONS, DEFINITIONS
+from absorbdeploy.allocate import ALLOCATORS
+from absorbdeploy.exporters import FORMATS
+from absorbdeploy.prune import PRUNERS
+
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_DTYPES = ("auto",) + DTYPES
 DEFAULT_SPARSITY, DEFAULT_SEQLEN, DEFAULT_PROBE_SAMPLES, DEFAULT_MIN, DEFAULT_MAX = 0.5, 512, 4, 0.05, 0.95
@@ -49,11 +50,10 @@ def settle(r, facts: ModelFacts | None = None):
     why_context = f"the model's context ({facts.context} tokens) is shorter than {DEFAULT_SEQLEN}"
     seqlen = follow(c.seqlen, DEFAULT_SEQLEN, short, "calibration.seqlen", why_context)
     eval_seqlen = follow(v.seqlen, DEFAULT_SEQLEN, short, "validate.seqlen", why_context)
-    nm = parse_nm(p.structure)
-    fixed = nm[0] / nm[1] if nm else DEFAULT_SPARSITY
-    sparsity = follow(p.sparsity, DEFAULT_SPARSITY, fixed, "prune.sparsity", f"prune.structure {p.structure} fixes it")
-    enabled = follow(ab.enabled, True, nm is None, "absorption.enabled",
-                     f"prune.structure {p.structure} fixes every block's sparsity")
+    nm = p.structure
+    fixed = nm.n / nm.m if nm else DEFAULT_SPARSITY
+    sparsity = follow(p.sparsity, DEFAULT_SPARSITY, fixed, "prune.sparsity", f"prune.structure {nm} fixes it")
+    enabled = follow(ab.enabled, True, nm is None, "absorption.enabled", f"prune.structure {nm} fixes every block's sparsity")
     low = follow(a.min, DEFAULT_MIN, min(DEFAULT_MIN, sparsity), "allocation.min", "prune.sparsity is lower")
     high = follow(a.max, DEFAULT_MAX, max(DEFAULT_MAX, sparsity), "allocation.max", "prune.sparsity is higher")
     samples = follow(ab.probe_samples, DEFAULT_PROBE_SAMPLES, min(DEFAULT_PROBE_SAMPLES, c.nsamples),
@@ -69,17 +69,33 @@ def settle(r, facts: ModelFacts | None = None):
 
 
 
-def parse_nm(structure: str) -> tuple[int, int] | None:
-    """'unstructured' -> None; 'N:M' -> (N, M) where N weights of every M consecutive inputs are pruned."""
-    if structure == "unstructured":
+class NM(NamedTuple):
+    """An N:M structure: N weights pruned in every M consecutive inputs of a row (2:4 = 50 %)."""
+
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_nm(structure) -> NM | None:
+    """'unstructured' (or None) -> None; 'N:M' -> NM(N, M). The one place a structure is parsed."""
+    if structure is None or structure == "unstructured":
         return None
-    match = re.fullmatch(r"(\d+):(\d+)", structure)
+    if isinstance(structure, NM):
+        return structure
+    match = re.fullmatch(r"(\d+):(\d+)", structure) if isinstance(structure, str) else None
     if not match:
         raise UserError(f"prune.structure must be 'unstructured' or 'N:M' such as '2:4', got {structure!r}")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
         raise UserError(f"prune.structure {structure}: need 0 < N < M (N pruned of every M inputs)")
-    return n, m
+    return NM(n, m)
+
+
+def structure_name(nm: NM | None) -> str:
+    return str(nm) if nm else "unstructured"
 
 
 def check(r) -> None:
@@ -92,19 +108,19 @@ def check(r) -> None:
     _at_least("calibration.seqlen", c.seqlen, 2)
     _at_least("calibration.batch_size", c.batch_size, 1)
     _at_least("calibration.draw", c.draw, 0)
-    _choice("prune.method", p.method, PRUNE_METHODS)
+    _choice("prune.method", p.method, tuple(PRUNERS))
     if not 0.0 <= p.sparsity < 1.0:
         raise UserError(f"prune.sparsity must be in [0, 1), got {p.sparsity}")
-    nm = parse_nm(p.structure)
+    nm = p.structure
     if nm is not None:
-        if abs(p.sparsity - nm[0] / nm[1]) > 1e-9:
-            raise UserError(f"prune.structure {p.structure} fixes the sparsity at {nm[0] / nm[1]:g}; set prune.sparsity: {nm[0] / nm[1]:g}")
-        if a.method != "uniform" or ab.enabled:
-            raise UserError(f"prune.structure {p.structure} needs allocation.method: uniform and absorption.enabled: false (N:M fixes every block's sparsity)")
+        if abs(p.sparsity - nm.n / nm.m) > 1e-9:
+            raise UserError(f"prune.structure {nm} fixes the sparsity at {nm.n / nm.m:g}; set prune.sparsity: {nm.n / nm.m:g}")
+        if ALLOCATORS[a.method].varies or ab.enabled:
+            raise UserError(f"prune.structure {nm} needs allocation.method: uniform and absorption.enabled: false (N:M fixes every block's sparsity)")
     _at_least("prune.sparsegpt.blocksize", p.sparsegpt.blocksize, 1)
     if not p.sparsegpt.dampening > 0:
         raise UserError(f"prune.sparsegpt.dampening must be > 0, got {p.sparsegpt.dampening}")
-    _choice("allocation.method", a.method, ALLOCATION_METHODS)
+    _choice("allocation.method", a.method, tuple(ALLOCATORS))
     if not 0.0 <= a.min < a.max < 1.0:
         raise UserError(f"allocation.min and allocation.max need 0 <= min < max < 1, got min {a.min}, max {a.max}")
     if nm is None and not a.min <= p.sparsity <= a.max:
@@ -117,8 +133,8 @@ def check(r) -> None:
         raise UserError(f"allocation.dlp.alpha must be >= 0, got {a.dlp.alpha}")
     if a.atp.beta is not None and a.atp.beta < 0:
         raise UserError(f"allocation.atp.beta must be >= 0 or null, got {a.atp.beta}")
-    _choice("absorption.definition", ab.definition, ABSORPTION_DEFINITIONS)
-    _choice("absorption.mode", ab.mode, ABSORPTION_MODES)
+    _choice("absorption.definition", ab.definition, tuple(DEFINITIONS))
+    _choice("absorption.mode", ab.mode, ("auto", *CORRECTIONS))
     _choice("absorption.perturbation", ab.perturbation, ("pruning", "gaussian"))
     if not ab.strength >= 0:
         raise UserError(f"absorption.strength must be >= 0, got {ab.strength}")
@@ -129,7 +145,7 @@ def check(r) -> None:
     if ab.enabled:
         check_probe(r)
     for fmt in e.formats or ():
-        _choice("export.formats", fmt, EXPORT_FORMATS)
+        _choice("export.formats", fmt, tuple(FORMATS))
     if e.formats is not None and len(set(e.formats)) != len(e.formats):
         raise UserError(f"export.formats lists a format twice: {list(e.formats)}")
     _choice("export.dtype", e.dtype, EXPORT_DTYPES)
@@ -143,7 +159,7 @@ def check(r) -> None:
         _at_least("validate.eval_windows", v.eval_windows, 1)
     _at_least("validate.seqlen", v.seqlen, 2)
     _at_least("validate.compare_windows", v.compare_windows, 0)
-    _choice("validate.vllm_dtype", v.vllm_dtype, DTYPES)
+    _choice("validate.runtime_dtype", v.runtime_dtype, DTYPES)
     lat = v.latency
     _at_least("validate.latency.warmup", lat.warmup, 0)
     _at_least("validate.latency.iters", lat.iters, 1)

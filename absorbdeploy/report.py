@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from absorbdeploy import __version__
-from absorbdeploy.recipe import to_dict
+from absorbdeploy.recipe import structure_name, to_dict
 
 SCHEMA = "absorbdeploy.report/1"
 ALLOCATION_COLUMNS = ("block", "params", "score", "absorption_coeff", "base_sparsity", "final_sparsity", "realised_sparsity")
@@ -84,7 +84,7 @@ def sidecar(plan, facts, corpus, allocation) -> dict:
         "model": {"name": plan.source.name, "weights_sha256": facts["weights_sha256"]},
         "calibration": {"text": corpus.name, "sha256": corpus.sha256, "nsamples": r.calibration.nsamples,
                         "seqlen": r.calibration.seqlen, "draw": r.calibration.draw, "seed": r.calibration.seed},
-        "prune": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics},
+        "prune": {"method": r.prune.method, "structure": structure_name(r.prune.structure), "statistics": r.calibration.statistics},
         "allocation": {k: allocation[k] for k in ("method", "target", "zeros", "weights", "realised", "blocks")},
         "absorption": {"enabled": r.absorption.enabled, "definition": r.absorption.definition,
                        "strength": r.absorption.strength},
@@ -106,11 +106,12 @@ def build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefa
         "recipe": {"origin": plan.recipe_origin, "followed": list(plan.notes), **to_dict(r)},
         "allocation": allocation,
         "absorption": _absorption_summary(outcome.absorption),
-        "pruning": {"method": r.prune.method, "structure": r.prune.structure, "statistics": r.calibration.statistics,
+        "pruning": {"method": r.prune.method, "structure": structure_name(r.prune.structure), "statistics": r.calibration.statistics,
                     "matrices": len(outcome.records), "dense_pass": outcome.dense_pass},
         **validation_sections(checks, artefacts, r.export.dtype),
         "stages": stages,
         "wall_seconds": round(sum(s["seconds"] for s in stages.values()), 3),
+        "streaming": facts["streaming"],
     }
 
 
@@ -153,6 +154,27 @@ def validation_sections(checks: dict, artefacts: dict, dtype: str) -> dict:
         "gates": checks["gates"],
         "failed_gates": [f"{g['gate']} on {g['artefact']}" for g in failed],
     }
+
+
+def read_finished(folder: Path) -> tuple[dict, object]:
+    """(report.json, settled recipe) of a finished run; UserError when `folder` is not one."""
+    from absorbdeploy.errors import UserError
+    from absorbdeploy.recipe import from_yaml_text
+
+    if not (folder / "report.json").is_file() or not (folder / "recipe.resolved.yaml").is_file():
+        raise UserError(f"{folder} is not a finished absorbdeploy output (no report.json / recipe.resolved.yaml)")
+    try:
+        old = json.loads((folder / "report.json").read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{folder / 'report.json'} is not valid JSON; re-run prune-and-export") from None
+    return old, from_yaml_text((folder / "recipe.resolved.yaml").read_text(), str(folder / "recipe.resolved.yaml"))
+
+
+def check_same_source(weights_sha256: str | None, old: dict, name: str) -> None:
+    from absorbdeploy.errors import UserError
+
+    if weights_sha256 != old["model"]["weights_sha256"]:
+        raise UserError(f"the source model {name} changed since the run (weights sha256 differs); re-run prune-and-export")
 
 
 def write(folder: Path, payload: dict) -> None:

@@ -144,12 +144,25 @@ def _set(module, dotted: str, value) -> None:
     module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def load_streaming(source, device, round_to: str, trust_remote_code: bool = False, dtype=None):
+    """A LoadedModel whose blocks stay on the meta device until a stage reads them from the shards."""
+    from transformers.utils import logging as hf_logging
+
+    from absorbdeploy.load import LoadedModel
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    model, tokenizer, blocks, store = open_skeleton(source, device, round_to, trust_remote_code, dtype)
+    return LoadedModel(model, tokenizer, source, blocks, device, store)
+
+
 def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False, dtype=None):
     """The model on meta with every non-block tensor real; returns (model, tokenizer, blocks, store)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from absorbdeploy.load import check_matches_disk, decoder_blocks
+    from absorbdeploy.blocks import decoder_blocks
+    from absorbdeploy.load import check_matches_disk
 
     if source.kind not in ("dir", "hub"):
         raise UserError(f"streaming needs a safetensors checkpoint directory; {source.name} is {source.kind}. "

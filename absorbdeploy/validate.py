@@ -9,10 +9,10 @@ by side. Gates from the recipe turn the numbers into a verdict; a failed gate is
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from absorbdeploy import latency
 from absorbdeploy.runners import Runner, TorchRunner, perplexity, target_logprobs
-from absorbdeploy.recipe import Gates
 
 
 @dataclass
@@ -46,8 +46,10 @@ class Subjects:
     vocab: int
     pruned_model: object | None = None
     dense_model: object | None = None
-    dense_checkpoint: object | None = None  # a dense HF directory vLLM can serve as the baseline
+    dense_checkpoint: object | None = None  # a dense HF directory: the baseline for runtimes that serve one
+    pruned_checkpoint: object | None = None  # streaming: the pruned HF directory written while pruning
     dense_bytes: dict = None  # format -> bytes of the dense model in that format's dtype
+    batch_size: int = 8  # torch forwards
 
 
 def reference(runner: Runner, windows, compare_windows: int) -> Reference:
@@ -88,8 +90,9 @@ def checked_diff(result: dict) -> float:
     return result.get("max_abs_logprob_diff") if value is None else value
 
 
-def gate_verdicts(gates: Gates, artefacts: dict) -> list[dict]:
-    """One verdict per (gate, artefact); `artefacts` maps a name to its comparison dict (with ppl_ratio)."""
+def gate_verdicts(gates, artefacts: dict) -> list[dict]:
+    """One verdict per (gate, artefact); `gates` is the recipe's validate.gates section, `artefacts` maps a name to its
+    comparison dict (with ppl_ratio)."""
     verdicts = []
     for name, result in artefacts.items():
         if "error" in result:
@@ -132,46 +135,38 @@ def device_description() -> dict:
     return info
 
 
-OWN_RUNTIME = {"vllm": "vllm", "onnx": "onnxruntime", "compressed-safetensors": "torch"}
+def _max_len(v) -> int:
+    return max(v.seqlen, v.latency.prompt_len + v.latency.new_tokens) + 8
 
 
-def _load(fmt: str, path, recipe):
-    from absorbdeploy import exporters
-
-    module = exporters.get(fmt)
-    if fmt == "vllm":
-        return module.load(path, dtype=recipe.validate.vllm_dtype, max_model_len=_max_len(recipe))
-    return module.load(path)
-
-
-def _max_len(recipe) -> int:
-    lat = recipe.validate.latency
-    return max(recipe.validate.seqlen, lat.prompt_len + lat.new_tokens) + 8
-
-
-def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windows, recipe, workdir, progress) -> dict:
+def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict, windows, v, seed: int, workdir,
+                     progress) -> dict:
     """Reload every artefact in its runtime and score it; with latency on, also score and time the dense model there.
+    `specs` are the artefacts' ExportSpecs (the dense baselines are exported with the same ones), `v` the recipe's
+    validate section.
 
     Order matters: runtimes start first (a vLLM engine takes ~30 s and warms up while torch computes the reference),
     and all timing happens after every engine is up, so no start-up competes with a timed run.
     """
     import shutil
 
-    v = recipe.validate
-    seed = recipe.calibration.seed
+    from absorbdeploy import exporters
+
+    runtime = exporters.RuntimeOptions(v.runtime_dtype, _max_len(v))
     runners, dense_runners, results = {}, {}, {}
     try:
         for fmt, artefact in artefacts.items():
+            module = exporters.get(fmt)
             try:
-                if fmt == "compressed-safetensors" and subjects.pruned_model is None:
+                if subjects.pruned_model is None and module.STREAM_BY_TENSORS:
                     continue  # streaming: compared tensor by tensor below, never loaded whole
-                runners[fmt] = _load(fmt, artefact.path, recipe)
-                if v.latency.enabled and OWN_RUNTIME[fmt] != "torch":
-                    baseline = _dense_baseline(fmt, subjects, tokenizer, spec, workdir)
+                runners[fmt] = module.load(artefact.path, runtime)
+                if v.latency.enabled and module.TIMED:
+                    baseline = _dense_baseline(module, subjects, tokenizer, specs[fmt], workdir / fmt)
                     if baseline is not None:
-                        dense_runners[fmt] = (_load(fmt, baseline[0], recipe), baseline[1])
+                        dense_runners[fmt] = (module.load(baseline[0], runtime), baseline[1])
             except Exception as e:
-                results[fmt] = _failure(fmt, e)
+                results[fmt] = _failure(module, e)
         ref = reference(subjects.reference, windows, v.compare_windows)
         dense_lp = subjects.dense.score(windows).target_logprobs
         dense_ppl, dense_bad = finite_perplexity(dense_lp), nonfinite(dense_lp)
@@ -181,13 +176,13 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windo
             if fmt in results:
                 continue
             try:
-                results[fmt] = _score_artefact(fmt, runners.get(fmt), artefacts, ref, windows, dense_ppl, dense_runners,
-                                               runtimes)
+                results[fmt] = _score_artefact(exporters.get(fmt), runners.get(fmt), artefacts[fmt].path, subjects, ref,
+                                               windows, dense_ppl, dense_runners.get(fmt), runtimes)
             except Exception as e:
-                results[fmt] = _failure(fmt, e)
+                results[fmt] = _failure(exporters.get(fmt), e)
         if v.latency.enabled:
             if subjects.pruned_model is not None:
-                batch = recipe.calibration.batch_size
+                batch = subjects.batch_size
                 runtimes["torch"]["latency"] = time_pair(TorchRunner(subjects.dense_model, batch),
                                                          TorchRunner(subjects.pruned_model, batch), subjects.vocab, v.latency, seed)
             for fmt, (dense_runner, _) in dense_runners.items():
@@ -217,7 +212,7 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, spec, windo
             "dense_bytes": subjects.dense_bytes or {}}
 
 
-def _dense_baseline(fmt: str, subjects: Subjects, tokenizer, spec, workdir):
+def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):
     """(path, bytes) of the dense model in this format, or None where there is none to time against."""
     import dataclasses
 
@@ -225,31 +220,45 @@ def _dense_baseline(fmt: str, subjects: Subjects, tokenizer, spec, workdir):
 
     if subjects.dense_model is not None:
         dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"}, streamed=None, checkpoint=None)
-        artefact = exporters.get(fmt).export(subjects.dense_model, tokenizer, workdir / fmt, dense_spec)
+        artefact = module.export(subjects.dense_model, tokenizer, folder, dense_spec)
         return artefact.path, artefact.bytes
-    if fmt == "vllm" and subjects.dense_checkpoint is not None:
+    if module.SERVES_CHECKPOINT and subjects.dense_checkpoint is not None:
         files = exporters.list_files(subjects.dense_checkpoint)
         return str(subjects.dense_checkpoint), sum(files.values())
     return None
 
 
-def _score_artefact(fmt, runner, artefacts, ref, windows, dense_ppl, dense_runners, runtimes) -> dict:
-    from absorbdeploy import exporters
+def tensors_match(shards, checkpoint) -> bool:
+    """Every tensor of `shards` (a format's `tensors`) bit-identical to the HF checkpoint's, and none missing; one
+    shard in memory at a time."""
+    import torch
 
-    module = exporters.get(fmt)
-    if runner is None:  # streaming: the archive is decoded shard by shard and compared with vllm/ tensor by tensor
-        exact = module.matches_checkpoint(artefacts[fmt].path, artefacts["vllm"].path)
-        result = {"runtime": "decoder (tensors vs vllm/)", "ppl": ref.ppl, "top1_agreement": 1.0 if exact else 0.0,
+    from absorbdeploy.checkpoint import ShardIndex
+
+    index, seen = ShardIndex(Path(checkpoint)), 0
+    for shard in shards:
+        reference = index.read(list(shard))
+        if any(not torch.equal(shard[k], reference[k]) for k in shard):
+            return False
+        seen += len(shard)
+    return seen == len(index.map)
+
+
+def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dense_ppl, dense, runtimes) -> dict:
+    if runner is None:  # streaming: the stored tensors are compared with the pruned checkpoint, tensor by tensor
+        exact = tensors_match(module.tensors(path), subjects.pruned_checkpoint)
+        name = Path(subjects.pruned_checkpoint).name
+        result = {"runtime": f"decoder (tensors vs {name}/)", "ppl": ref.ppl, "top1_agreement": 1.0 if exact else 0.0,
                   "max_abs_logprob_diff": 0.0 if exact else float("inf"), "max_abs_logit_diff": 0.0 if exact else float("inf"),
-                  "logit_metric": "every decoded tensor bit-identical to vllm/ (the model is too large to run whole)"}
+                  "logit_metric": f"every decoded tensor bit-identical to {name}/ (the model is too large to run whole)"}
     else:
         result = {"runtime": runner.runtime, **compare(runner, ref, windows)}
-    result["audit"] = module.describe(artefacts[fmt].path)["audit"]
+    result["audit"] = module.describe(path)["audit"]
     result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
-    if fmt in dense_runners:
-        dense_lp = dense_runners[fmt][0].score(windows).target_logprobs
+    if dense is not None:
+        dense_lp = dense[0].score(windows).target_logprobs
         result["dense_ppl"], result["dense_nonfinite"] = finite_perplexity(dense_lp), nonfinite(dense_lp)
-        result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense_runners[fmt][1]
+        result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense[1]
         runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
     result["ppl_ratio"] = _ratio(result["ppl"], result["dense_ppl"])
     if runner is not None and runner.runtime in runtimes:
@@ -282,7 +291,7 @@ def dense_weight_bytes(model, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters()) * itemsize
 
 
-def _failure(fmt: str, error: Exception) -> dict:
+def _failure(module, error: Exception) -> dict:
     """A reload or scoring that fails is a failed gate, reported with its cause, not a crash."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return {"runtime": OWN_RUNTIME[fmt], "error": f"{error.__class__.__name__}: {message}"}
+    return {"runtime": module.RUNTIME, "error": f"{error.__class__.__name__}: {message}"}

@@ -15,12 +15,15 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, Harness, recipe, table, write
+from common import RESULTS, Harness, realised_sparsity, recipe, table, write
 
-from absorbdeploy import absorb, allocate, calibrate, data, prune
+from absorbdeploy import absorb, allocate, calibrate, data, probe
+from absorbdeploy.allocate import ALLOCATORS
+from absorbdeploy.blocks import matrix_sizes
+from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_sequential
 from absorbdeploy.progress import Progress
 
-DEFINITIONS = ("gain", "composed", "margin")
+DEFINITIONS = tuple(absorb.DEFINITIONS)
 STRENGTHS = (0.02, 0.05, 0.08)
 
 
@@ -36,25 +39,27 @@ def run_case(h: Harness, base_method: str, pruner: str, sparsity: float, draw: i
     h.reset()
     calib = h.calib(r)
     runner = calibrate.BlockRunner(h.lm.model, h.lm.blocks, r.calibration.batch_size)
-    profile = calibrate.dense_profile(runner, calib, pruner == "sparsegpt",
+    profile = calibrate.dense_profile(runner, calib, PruneSpec.of(r.prune).pruner.needs == "hessian",
                                       (r.absorption.probe_samples, r.absorption.probe_seqlen))
-    params = [sum(s) for s in prune.matrix_sizes(h.lm.blocks)]
-    scores = allocate.block_scores(base_method, runner, profile.stats, r.allocation)
-    base = allocate.base_allocation(base_method, scores, params, sparsity, r.allocation)
+    params = [sum(s) for s in matrix_sizes(h.lm.blocks)]
+    allocator, options = ALLOCATORS[base_method], getattr(r.allocation, base_method, None)
+    scores = calibrate.block_scores(runner, allocator, profile.stats, options)
+    base = allocate.base_allocation(base_method, scores, params, sparsity, options, r.allocation.min, r.allocation.max)
     needed = {d for d, _ in grid}
-    eps = sorted({r.absorption.eps} | ({r.absorption.eps_small} if "margin" in needed else set()))
-    result = absorb.probe(runner, profile, base, r, eps if needed - {"composed"} else [], "composed" in needed)
-    coefficients = {d: absorb.summarise(result, d, r.absorption)["coefficients"] for d in needed}
-    mode = absorb.mode_for(r)
+    ab, spec = r.absorption, PruneSpec.of(r.prune)
+    eps = sorted({e for d in needed for e in absorb.DEFINITIONS[d].eps(ab.eps, ab.eps_small)})
+    composed = any(absorb.DEFINITIONS[d].composed for d in needed)
+    result = probe.probe(runner, profile, base, spec, ab, eps, composed, r.calibration.seed)
+    coefficients = {d: absorb.summarise(result, d, ab.eps, ab.eps_small)["coefficients"] for d in needed}
+    mode = allocator.correction
     allocations = {"base": base}
     for d, s in grid:
         allocations[f"{d}:{s}"] = absorb.correct(base, coefficients[d], params, sparsity, s, mode, r.allocation.min, r.allocation.max)
     scored = {}
     for name, alloc in allocations.items():
         h.reset()
-        counts = prune.plan_counts(h.lm.blocks, alloc, sparsity)
-        prune.prune_sequential(runner, calib, counts, r.prune)
-        zeros, total = prune.realised_sparsity(h.lm.blocks)
+        prune_sequential(runner, calib, plan_counts(h.lm.blocks, alloc, sparsity), spec)
+        zeros, total = realised_sparsity(h.lm.blocks)
         scored[name] = {"eval_ppl": h.ppl(), "selection_ppl": h.ppl(selection), "realised": zeros / total,
                         "exact": zeros == round(sparsity * total), "allocation": alloc}
         print(f"  {base_method} {pruner} {sparsity} draw {draw} {name}: eval {scored[name]['eval_ppl']:.2f} "

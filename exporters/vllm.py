@@ -18,11 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, audit, list_files, read_sidecar, unique_state_dict, write_sidecar
+from absorbdeploy import exporters
+from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, unique_state_dict, write_sidecar
 from absorbdeploy.runners import Runner, Scores, Timing
 
 FORMAT = "vllm"
+RUNTIME = "vllm"
+STREAM_BY_TENSORS = False
+SERVES_CHECKPOINT = True
+TIMED = True
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
@@ -50,36 +54,20 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start)
 
 
-def read_tensors(out_dir, names) -> dict:
-    from safetensors import safe_open
+def tensors(out_dir):
+    from safetensors.torch import load_file
 
-    wanted, found = set(names), {}
     for file in sorted(Path(out_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    found[key] = f.get_tensor(key)
-    missing = wanted - set(found)
-    if missing:
-        raise UserError(f"{out_dir} lacks {len(missing)} pruned tensors (e.g. {sorted(missing)[0]}); the export is incomplete")
-    return found
+        yield load_file(str(file))
 
 
 def describe(out_dir) -> dict:
-    meta = read_sidecar(out_dir)
-    nm = tuple(meta["nm"]) if meta.get("nm") else None
     config = json.loads((Path(out_dir) / "config.json").read_text())
-    return {
-        "format": FORMAT,
-        "files": list_files(Path(out_dir)),
-        "bytes": sum(list_files(Path(out_dir)).values()),
-        "sparsity_config_in_config_json": "sparsity_config" in json.dumps(config),
-        "audit": audit(read_tensors(out_dir, meta["prunable"]), meta["prunable"], nm),
-    }
+    return exporters.describe(out_dir, tensors(out_dir), sparsity_config_in_config_json="sparsity_config" in json.dumps(config))
 
 
-def load(out_dir, dtype: str = "float32", max_model_len: int = 1024) -> "VllmRunner":
-    return VllmRunner(out_dir, dtype, max_model_len)
+def load(out_dir, runtime: RuntimeOptions) -> "VllmRunner":
+    return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len)
 
 
 class VllmRunner(Runner):

@@ -28,19 +28,19 @@ def train_tiny(steps: int = 300, seed: int = 0):
 def prune_in_memory(model, sparsity: float = 0.5, method: str = "wanda", structure: str = "unstructured",
                     allocation=None, nsamples: int = 8, seqlen: int = 64):
     """Uniform (or given) allocation, sequential calibration on pydoc text; returns the MatrixRecords."""
-    from absorbdeploy import calibrate, data, prune
-    from absorbdeploy.load import decoder_blocks
-    from absorbdeploy.recipe import Prune
+    from absorbdeploy import calibrate, data
+    from absorbdeploy.blocks import decoder_blocks
+    from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_sequential
+    from absorbdeploy.recipe import Prune, parse_nm
     from absorbdeploy.tiny import byte_tokenizer
 
     blocks = decoder_blocks(model)
     corpus = data.build_corpus(byte_tokenizer(), None, None)
     windows = data.calibration_windows(corpus, nsamples, seqlen)
-    params = [sum(s) for s in prune.matrix_sizes(blocks)]
-    block_sparsity = allocation or [sparsity] * len(params)
-    counts = prune.plan_counts(blocks, block_sparsity, sparsity)
+    counts = plan_counts(blocks, allocation or [sparsity] * len(blocks), sparsity)
     runner = calibrate.BlockRunner(model, blocks, batch_size=8)
-    return prune.prune_sequential(runner, windows, counts, Prune(method=method, sparsity=sparsity, structure=structure))
+    spec = PruneSpec.of(Prune(method=method, sparsity=sparsity, structure=parse_nm(structure)))
+    return prune_sequential(runner, windows, counts, spec)
 
 
 def eval_ppl(model, windows: int = 8, seqlen: int = 64) -> float:

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif("vllm" not in exporters.insta
 
 @pytest.mark.parametrize("architecture, tie", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True)])
 def test_every_exported_tensor_matches_the_source(architecture, tie, tmp_path):
-    from absorbdeploy.exporters.compressed_safetensors import read_state_dict
-    from absorbdeploy.exporters.vllm import read_tensors
+    def stored(fmt: str) -> dict:
+        return {k: v for shard in exporters.get(fmt).tensors(out / fmt) for k, v in shard.items()}
 
     model = tiny_checkpoint(tmp_path / "model", tie=tie, architecture=architecture)
     source = load_file(str(model / "model.safetensors"))
@@ -28,8 +28,7 @@ def test_every_exported_tensor_matches_the_source(architecture, tie, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     prunable = set(json.loads((out / "vllm" / "absorbdeploy.json").read_text())["prunable"])
     assert prunable and all(name in source for name in prunable)
-    exports = {"vllm": read_tensors(out / "vllm", [n for n in source if n in _stored(out / "vllm")]),
-               "compressed-safetensors": read_state_dict(out / "compressed-safetensors")[0]}
+    exports = {fmt: stored(fmt) for fmt in ("vllm", "compressed-safetensors")}
     for fmt, tensors in exports.items():
         expected_names = {n for n in source if not (tie and n == "lm_head.weight")}
         assert expected_names <= set(tensors) | ({"lm_head.weight"} if tie else set()), fmt
@@ -47,12 +46,3 @@ def test_every_exported_tensor_matches_the_source(architecture, tie, tmp_path):
     if architecture == "qwen2":
         assert any(n.endswith("q_proj.bias") for n in exports["vllm"])
 
-
-def _stored(folder) -> set[str]:
-    from safetensors import safe_open
-
-    names = set()
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            names |= set(f.keys())
-    return names

@@ -6,7 +6,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_default_loads_as_a_dense_30_block_llama(smollm2):
-    from absorbdeploy.load import prunable_linears
+    from absorbdeploy.blocks import prunable_linears
 
     assert smollm2.n_blocks == 30
     assert [n for n, _ in prunable_linears(smollm2.blocks[0])] == [

@@ -17,9 +17,9 @@ def test_tiny_export_scores_in_vllm_like_the_in_memory_model(tmp_path):
 
     model, tokenizer, spec = pruned_tiny("bfloat16")
     module = exporters.get("vllm")
-    module.export(model, tokenizer, tmp_path / "v", spec)
+    module.export(model, tokenizer, tmp_path / "v", spec("vllm"))
     expected = TorchRunner(model).score(IDS)
-    with module.load(tmp_path / "v", dtype="float32", max_model_len=128) as runner:
+    with module.load(tmp_path / "v", exporters.RuntimeOptions("float32", 128)) as runner:
         got = runner.score(IDS)
         timing = runner.generate(IDS[:1, :16], 4)
     assert (got.target_logprobs - expected.target_logprobs).abs().max() <= 1e-4
@@ -30,7 +30,7 @@ def test_tiny_export_scores_in_vllm_like_the_in_memory_model(tmp_path):
 def test_vllm_refuses_a_checkpoint_with_a_sparsity_config(tmp_path):
     model, tokenizer, spec = pruned_tiny("bfloat16")
     module = exporters.get("vllm")
-    module.export(model, tokenizer, tmp_path / "v", spec)
+    module.export(model, tokenizer, tmp_path / "v", spec("vllm"))
     config_path = tmp_path / "v" / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = {
@@ -40,5 +40,5 @@ def test_vllm_refuses_a_checkpoint_with_a_sparsity_config(tmp_path):
     }
     config_path.write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="Sparsity support has been removed"):
-        with module.load(tmp_path / "v", dtype="float32", max_model_len=128) as runner:
+        with module.load(tmp_path / "v", exporters.RuntimeOptions("float32", 128)) as runner:
             runner.score(IDS)

@@ -30,12 +30,11 @@ def test_smoke_tiny_exits_zero_and_writes_every_artefact(smoke):
 
 
 def test_smoke_realised_sparsity_read_back_from_disk_is_exact(smoke):
-    from absorbdeploy.exporters import read_sidecar
-    from absorbdeploy.exporters.vllm import read_tensors
+    from absorbdeploy import exporters
 
     out, _ = smoke
-    meta = read_sidecar(out / "vllm")
-    tensors = read_tensors(out / "vllm", meta["prunable"])
+    prunable = exporters.read_sidecar(out / "vllm")["prunable"]
+    tensors = {k: v for shard in exporters.get("vllm").tensors(out / "vllm") for k, v in shard.items() if k in prunable}
     zeros = sum(int((t == 0).sum()) for t in tensors.values())
     total = sum(t.numel() for t in tensors.values())
     assert len(tensors) == 4 * 7 and zeros == round(0.5 * total)

@@ -1,15 +1,15 @@
 """Every format in FORMATS: export the pruned tiny model, reload it in its runtime, compare with the in-memory model."""
 
+import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from absorbdeploy import exporters
-from absorbdeploy.errors import UserError
+from absorbdeploy.blocks import prunable_names
 from absorbdeploy.load import round_weights
-from absorbdeploy.pipeline import prunable_names
+from absorbdeploy.recipe import Export, OnnxOptions
 from absorbdeploy.runners import TorchRunner
 from tests.helpers import prune_in_memory
 
@@ -25,7 +25,11 @@ def pruned_tiny(dtype: str, structure: str = "unstructured"):
     round_weights(model, dtype)
     names = prunable_names(model, model.model.layers)
     nm = (2, 4) if structure == "2:4" else None
-    return model, tokenizer, exporters.ExportSpec(dtype=dtype, prunable=names, nm=nm, sidecar={"test": True})
+    def spec_of(fmt: str, **onnx_options):
+        export = Export(dtype=dtype, onnx=dataclasses.replace(OnnxOptions(), **onnx_options))
+        return exporters.spec_for(fmt, export, names, nm, {"test": True})
+
+    return model, tokenizer, spec_of
 
 
 IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -36,14 +40,14 @@ IDS = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
 def test_round_trip_in_own_runtime(fmt, dtype, tmp_path):
     model, tokenizer, spec = pruned_tiny(dtype)
     module = exporters.get(fmt)
-    artefact = module.export(model, tokenizer, tmp_path / fmt, spec)
+    artefact = module.export(model, tokenizer, tmp_path / fmt, spec(fmt))
     assert artefact.bytes > 0
     expected = TorchRunner(model).logits(IDS)
-    with module.load(artefact.path) as runner:
+    with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
         got = runner.logits(IDS)
     assert (got - expected).abs().max() <= 1e-4  # weights hold the export dtype's values; compute is fp32 in both
     described = module.describe(artefact.path)
-    total = sum(p.numel() for n, p in model.named_parameters() if n in spec.prunable)
+    total = sum(p.numel() for n, p in model.named_parameters() if n in spec(fmt).prunable)
     assert described["audit"]["zeros"] == round(0.5 * total)
 
 
@@ -51,52 +55,17 @@ def test_vllm_directory_reloads_bit_exactly_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer, spec = pruned_tiny("bfloat16")
-    exporters.get("vllm").export(model, tokenizer, tmp_path / "v", spec)
+    exporters.get("vllm").export(model, tokenizer, tmp_path / "v", spec("vllm"))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "v", dtype=torch.float32)
     assert torch.equal(TorchRunner(reloaded).logits(IDS), TorchRunner(model).logits(IDS))
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     assert "sparsity_config" not in json.dumps(config) and config["dtype"] == "bfloat16"
 
 
-def test_bitmask_bytes_by_hand():
-    from absorbdeploy.exporters.compressed_safetensors import compress_bitmask, decompress_bitmask
-
-    w = torch.tensor([[0.0, 1.5, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0],
-                      [4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0]], dtype=torch.bfloat16)
-    parts = compress_bitmask(w)
-    # little-endian bits along each row: row 0 sets bits 1, 4 | 8 -> bytes 0b00010010 = 18, 0b00000001 = 1
-    assert parts["bitmask"].tolist() == [[18, 1], [129, 0]]
-    assert parts["compressed"].tolist() == [1.5, 2.0, 3.0, 4.0, 5.0] and parts["compressed"].dtype == torch.bfloat16
-    assert parts["row_offsets"].tolist() == [0, 3] and parts["shape"].tolist() == [2, 10]
-    assert torch.equal(decompress_bitmask(parts), w)
-
-
-def test_bitmask_matches_numpy_packbits_on_odd_shapes():
-    from absorbdeploy.exporters.compressed_safetensors import compress_bitmask, decompress_bitmask
-
-    g = torch.Generator().manual_seed(3)
-    for shape in [(1, 1), (3, 7), (5, 9), (17, 33)]:
-        w = torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) > 0.6)
-        parts = compress_bitmask(w)
-        expected = np.packbits((w != 0).numpy(), axis=-1, bitorder="little")
-        assert np.array_equal(parts["bitmask"].numpy(), expected) and torch.equal(decompress_bitmask(parts), w)
-
-
-def test_two_four_refuses_a_tensor_that_is_not_two_four():
-    from absorbdeploy.exporters.compressed_safetensors import compress_24, decompress_24
-
-    ok = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
-    parts = compress_24(ok)
-    assert parts["shape"].tolist() == [[1], [8]] and parts["compressed"].shape == (1, 4)
-    assert torch.equal(decompress_24(parts), ok)
-    with pytest.raises(UserError, match="not 2:4"):
-        compress_24(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-
-
 def test_two_four_export_uses_the_24_layout(tmp_path):
     model, tokenizer, spec = pruned_tiny("bfloat16", "2:4")
     module = exporters.get("compressed-safetensors")
-    module.export(model, tokenizer, tmp_path / "c", spec)
+    module.export(model, tokenizer, tmp_path / "c", spec("compressed-safetensors"))
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
     assert module.describe(tmp_path / "c")["audit"]["nm_valid"] is True
@@ -113,10 +82,8 @@ def test_onnx_sparse_storage_flips_at_the_break_even(tmp_path):
     model, tokenizer, spec = pruned_tiny("float32")
     module = exporters.get("onnx")
     for policy, expected in [("auto", 0), ("always", 28), ("never", 0)]:
-        import dataclasses
-
         out = tmp_path / policy
-        module.export(model, tokenizer, out, dataclasses.replace(spec, onnx_sparse=policy))
+        module.export(model, tokenizer, out, spec("onnx", sparse=policy))
         proto = onnx.load(str(out / "model.onnx"))
         sparse = [n for n in proto.graph.node if n.op_type == "Constant" and n.attribute[0].name == "sparse_value"]
         assert len(sparse) == expected, policy
@@ -126,15 +93,13 @@ def test_onnx_sparse_storage_flips_at_the_break_even(tmp_path):
 
 @pytest.mark.skipif("onnx" not in INSTALLED, reason="onnx extra not installed")
 def test_onnx_kv_cache_pair_decodes_like_torch(tmp_path):
-    import dataclasses
-
     model, tokenizer, spec = pruned_tiny("float32")
     module = exporters.get("onnx")
-    artefact = module.export(model, tokenizer, tmp_path / "o", dataclasses.replace(spec, onnx_kv_cache=True))
+    artefact = module.export(model, tokenizer, tmp_path / "o", spec("onnx", kv_cache=True))
     assert (tmp_path / "o" / "kv" / "decode.onnx").is_file() and any("KV-cache" in n for n in artefact.notes)
     prompt = IDS[:1, :20]
     expected = TorchRunner(model).generate(prompt, 6).tokens
-    with module.load(artefact.path) as runner:
+    with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
         timing = runner.generate(prompt, 6)
     assert timing.decode_s is not None and timing.tokens == expected
 
@@ -147,10 +112,10 @@ def test_onnx_external_data_path_reloads(tmp_path, monkeypatch):
     module = exporters.get("onnx")
     monkeypatch.setattr(module, "EXTERNAL_DATA_ABOVE", 0)
     model, tokenizer, spec = pruned_tiny("float32")
-    artefact = module.export(model, tokenizer, tmp_path / "o", spec)
+    artefact = module.export(model, tokenizer, tmp_path / "o", spec("onnx"))
     assert "model.onnx.data" in artefact.files and artefact.files["model.onnx.data"] > artefact.files["model.onnx"]
     onnx.checker.check_model(str(tmp_path / "o" / "model.onnx"))
-    with module.load(artefact.path) as runner:
+    with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
         assert (runner.logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4
     assert module.describe(artefact.path)["audit"]["sparsity"] == 0.5
 
@@ -158,18 +123,16 @@ def test_onnx_external_data_path_reloads(tmp_path, monkeypatch):
 def test_onnx_model_file_stays_under_the_protobuf_limit(tmp_path, monkeypatch):
     """The limit lowered to 3 MB (the tiny graph's nodes alone are about 2 MB): inline sparse data past the budget is
     stored dense, and dense data goes external."""
-    import dataclasses
-
     if "onnx" not in INSTALLED:
         pytest.skip("onnx not installed")
     module = exporters.get("onnx")
     limit = 3_000_000
     monkeypatch.setattr(module, "PROTOBUF_LIMIT", limit)
     model, tokenizer, spec = pruned_tiny("bfloat16")
-    artefact = module.export(model, tokenizer, tmp_path / "o", dataclasses.replace(spec, onnx_sparse="always"))
+    artefact = module.export(model, tokenizer, tmp_path / "o", spec("onnx", sparse="always"))
     assert (tmp_path / "o" / "model.onnx").stat().st_size < limit
     assert "model.onnx.data" in artefact.files
     assert any("stored dense, inline sparse data would pass the protobuf limit" in n for n in artefact.notes)
     assert not artefact.notes[0].startswith("0 of")  # some weights still fit inline as sparse tensors
-    with module.load(artefact.path) as runner:
+    with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
         assert (runner.logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4

@@ -120,3 +120,12 @@ def test_correction_moves_sparsity_toward_absorbing_blocks():
     assert out == sorted(out) and out[-1] - out[0] == pytest.approx(0.1)
     out = absorb.correct(base, [2.0, 1.0, 0.0, -1.0], params, 0.7, 0.05, "multiplicative", 0.05, 0.95)
     assert out == sorted(out, reverse=True) and math.isclose(sum(out) / 4, 0.7)
+
+
+def test_every_definition_declares_what_it_measures():
+    for name, definition in absorb.DEFINITIONS.items():
+        eps = definition.eps(1.0, 0.01)
+        assert definition.composed or eps, name
+    assert absorb.DEFINITIONS["margin"].eps(1.0, 0.01) == [0.01, 1.0]
+    assert absorb.DEFINITIONS["composed"].composed and not absorb.DEFINITIONS["gain"].composed
+    assert set(absorb.CORRECTIONS) == {"additive", "multiplicative"}

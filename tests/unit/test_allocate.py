@@ -95,3 +95,25 @@ def test_uniform_counts_are_exact_for_unequal_blocks():
     total = sum(map(sum, sizes))
     assert sum(map(sum, counts)) == round(0.5 * total) == 514
     assert counts[1] == [500] and all(0 <= c <= n for row, ns in zip(counts, sizes) for c, n in zip(row, ns))
+
+
+@pytest.mark.parametrize("method", sorted(allocate.ALLOCATORS))
+def test_every_allocator_lands_on_the_exact_budget(method):
+    from absorbdeploy.recipe import Allocation
+
+    entry, options = allocate.ALLOCATORS[method], getattr(Allocation(), method, None)
+    params = [1000, 2000, 1500, 1000, 3000]
+    scores = None if entry.score is None else [3.0, 1.0, 4.0, 1.5, 9.0]
+    s = allocate.base_allocation(method, scores, params, 0.6, options, 0.05, 0.95)
+    assert sum(x * n for x, n in zip(s, params)) / sum(params) == pytest.approx(0.6, abs=1e-9)
+    assert all(0.05 <= x <= 0.95 for x in s)
+    assert (max(s) - min(s) < 1e-12) == (not entry.varies)
+
+
+def test_score_functions_read_block_tensors():
+    weights = [torch.tensor([[1.0, 0.0], [0.0, 10.0]]), torch.ones(2, 2)]
+    norms = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])]
+    owl, dlp = allocate.ALLOCATORS["owl"], allocate.ALLOCATORS["dlp"]
+    assert owl.needs_norms and dlp.needs_norms and not allocate.ALLOCATORS["alpha"].needs_norms
+    assert owl.score(weights, norms, type("O", (), {"m": 2.0})) == pytest.approx(12.5)  # 10 > 2 x mean (14/8)
+    assert dlp.score(weights, norms, None) == pytest.approx(15 / 8)

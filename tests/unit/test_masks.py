@@ -57,7 +57,6 @@ def test_row_mask_count_is_exact_and_balanced(rows, cols, frac, seed):
 
 
 def test_nm_needs_divisible_inputs():
-    from absorbdeploy.errors import UserError
-
-    with pytest.raises(UserError, match="divisible by 4"):
+    """The user-facing check is blocks.check_nm, before any pruning; the mask itself refuses as a programming error."""
+    with pytest.raises(ValueError, match="divisible by 4"):
         masks.nm_mask(torch.rand(2, 6), 2, 4)

@@ -106,7 +106,7 @@ def test_yaml_12_scalars():
     r = rc.from_yaml_text("version: 1\nprune: {structure: 2:4, sparsity: 0.5}\nallocation: {method: uniform}\n"
                           "absorption: {enabled: false}\n"
                           "validate: {gates: {max_abs_logit_diff: 1e-3}}\n", "yaml-1.2")
-    assert r.prune.structure == "2:4" and r.validate.gates.max_abs_logit_diff == 0.001
+    assert r.prune.structure == (2, 4) and str(r.prune.structure) == "2:4" and r.validate.gates.max_abs_logit_diff == 0.001
     assert rc.override(r, "absorption.enabled=true").absorption.enabled is True
 
 

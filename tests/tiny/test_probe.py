@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from absorbdeploy import absorb, allocate, calibrate, data, prune
-from absorbdeploy.load import decoder_blocks
+from absorbdeploy import absorb, allocate, calibrate, data, probe
+from absorbdeploy.blocks import decoder_blocks, matrix_sizes
+from absorbdeploy.prune_blocks import PruneSpec
 from absorbdeploy.recipe import Recipe, override, settle
 from absorbdeploy.tiny import byte_tokenizer
 
@@ -26,14 +27,22 @@ def setup(tiny_trained_dir):
     windows = data.calibration_windows(data.build_corpus(byte_tokenizer(), None, None), 8, 64)
     runner = calibrate.BlockRunner(model, blocks, 4)
     profile = calibrate.dense_profile(runner, windows, False, (4, 64))
-    params = [sum(s) for s in prune.matrix_sizes(blocks)]
-    base = allocate.base_allocation("uniform", None, params, 0.5, r.allocation)
+    params = [sum(s) for s in matrix_sizes(blocks)]
+    base = allocate.base_allocation("uniform", None, params, 0.5, None, r.allocation.min, r.allocation.max)
     return runner, profile, base, params, r
+
+
+def run_probe(runner, profile, base, r, eps, composed):
+    return probe.probe(runner, profile, base, PruneSpec.of(r.prune), r.absorption, eps, composed, r.calibration.seed)
+
+
+def coefficients(result, definition, r):
+    return absorb.summarise(result, definition, r.absorption.eps, r.absorption.eps_small)["coefficients"]
 
 
 def test_probe_outputs_are_finite_and_shaped(setup):
     runner, profile, base, params, r = setup
-    result = absorb.probe(runner, profile, base, r, [0.01, 1.0], True)
+    result = run_probe(runner, profile, base, r, [0.01, 1.0], True)
     n = len(params)
     for eps in (0.01, 1.0):
         assert len(result["curves"][eps]) == n
@@ -41,18 +50,18 @@ def test_probe_outputs_are_finite_and_shaped(setup):
             assert sorted(row["rel"]) == list(range(l, n))
             assert all(math.isfinite(v) and v >= 0 for v in row["rel"].values())
             assert all(-1.0001 <= v <= 1.0001 for v in row["cos"].values())
-    for definition in ("gain", "composed", "margin"):
-        coeffs = absorb.summarise(result, definition, r.absorption)["coefficients"]
+    for definition in absorb.DEFINITIONS:
+        coeffs = coefficients(result, definition, r)
         assert len(coeffs) == n and all(math.isfinite(c) for c in coeffs) and coeffs[-1] == 0.0
     assert result["block_forwards"] == n * (n - 1) + 2 * n + (n - 1)  # 2 eps trajectories + delta/composed passes
 
 
 def test_block_major_probe_equals_the_per_injection_definition(setup):
     runner, profile, base, params, r = setup
-    result = absorb.probe(runner, profile, base, r, [1.0], False)
+    result = run_probe(runner, profile, base, r, [1.0], False)
     dense = [lambda h, k=k: runner.run(runner.blocks[k], h) for k in range(len(params))]
     for l in range(len(params)):
-        with absorb._Pruned(runner.blocks[l], profile.stats[l], base[l], r.prune) as pruned:
+        with probe._Pruned(runner.blocks[l], profile.stats[l], base[l], PruneSpec.of(r.prune)) as pruned:
             delta = runner.run(pruned, profile.probe_hidden[l]) - profile.probe_hidden[l + 1]
         expected = absorb.propagate(dense, profile.probe_hidden, delta, l, 1.0, r.absorption.skip_tokens)
         for k, value in expected["rel"].items():
@@ -63,16 +72,16 @@ def test_coefficients_do_not_depend_on_probe_window_order(setup):
     runner, profile, base, params, r = setup
     order = torch.tensor([2, 0, 3, 1])
     shuffled = dataclasses.replace(profile, probe_hidden=[h[order] for h in profile.probe_hidden])
-    a = absorb.summarise(absorb.probe(runner, profile, base, r, [1.0], False), "gain", r.absorption)["coefficients"]
-    b = absorb.summarise(absorb.probe(runner, shuffled, base, r, [1.0], False), "gain", r.absorption)["coefficients"]
+    a = coefficients(run_probe(runner, profile, base, r, [1.0], False), "gain", r)
+    b = coefficients(run_probe(runner, shuffled, base, r, [1.0], False), "gain", r)
     assert a == pytest.approx(b, abs=1e-5)
 
 
 def test_gaussian_control_runs_with_matched_norms(setup):
     runner, profile, base, params, r = setup
     control = dataclasses.replace(r, absorption=dataclasses.replace(r.absorption, perturbation="gaussian"))
-    real = absorb.probe(runner, profile, base, r, [1.0], False)["curves"][1.0]
-    noise = absorb.probe(runner, profile, base, control, [1.0], False)["curves"][1.0]
+    real = run_probe(runner, profile, base, r, [1.0], False)["curves"][1.0]
+    noise = run_probe(runner, profile, base, control, [1.0], False)["curves"][1.0]
     for l in range(len(params)):  # same per-token norm at injection, so the same absolute drift there
         assert noise[l]["abs"][l] == pytest.approx(real[l]["abs"][l], rel=1e-4)
         assert noise[l]["rel"] != real[l]["rel"] or l == len(params) - 1

@@ -1,0 +1,90 @@
+"""Stage 6, prune: drive every decoder block through a pruner from `prune.PRUNERS`, with exact counts.
+
+Two drivers. `prune_sequential` is the anchors' protocol (pruning §1): block l is calibrated on the outputs of the
+already pruned blocks 1..l-1 (one statistics forward of the dense block, prune, one forward of the pruned block to feed
+block l+1). `prune_from_profile` prunes every block from the dense pass's statistics, with no further forward (pruning
+§8.1 b). Either way each matrix ends with exactly its share from `plan_counts`, so the global sparsity over the decoder
+Linears is round(S N) / N to the weight. `commit(k)` is called once block k is final (streaming writes it to disk then).
+"""
+
+from dataclasses import dataclass
+
+from absorbdeploy.allocate import integer_counts
+from absorbdeploy.blocks import matrix_sizes, prunable_linears
+from absorbdeploy.calibrate import BlockRunner, collect_stats
+from absorbdeploy.prune import PRUNERS, MatrixRecord, Pruner, relative_error
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A pruner from prune.PRUNERS with its options section (or None) and the N:M structure (or None)."""
+
+    pruner: Pruner
+    options: object = None
+    nm: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, section) -> "PruneSpec":
+        """From a recipe's prune section: its method's table entry, that method's options section, the structure."""
+        pruner = PRUNERS[section.method]
+        return cls(pruner, getattr(section, pruner.options) if pruner.options else None, section.structure)
+
+
+def plan_counts(blocks, block_sparsities, target: float) -> list[dict[str, int]]:
+    """Per block, {Linear name: weights to prune}; the total is round(target * N) exactly (allocate.integer_counts)."""
+    counts = integer_counts(block_sparsities, matrix_sizes(blocks), target)
+    return [dict(zip([n for n, _ in prunable_linears(b)], row)) for b, row in zip(blocks, counts)]
+
+
+def prune_block(index: int, block, stats: dict | None, counts: dict[str, int], spec: PruneSpec) -> list[MatrixRecord]:
+    """Prune every Linear of one block in place; `stats` maps a Linear's name to its calibrate.InputStats (or None)."""
+    import torch
+
+    records, prepared = [], {}
+    for name, linear in prunable_linears(block):
+        s = stats.get(name) if stats else None
+        if id(s) not in prepared:  # Linears that share an input share its statistics object
+            prepared[id(s)] = spec.pruner.prepare(s.sq_sum if s else None, s.hessian if s else None, spec.options)
+        ready = prepared[id(s)]
+        w_old = linear.weight.data
+        w_new = spec.pruner.prune(w_old, ready, counts[name], spec.nm, spec.options)
+        err = relative_error(w_old, w_new, s.sq_sum if s else None)
+        linear.weight.data.copy_(w_new.to(w_old.dtype))
+        zeros = int((linear.weight.data == 0).sum())
+        records.append(MatrixRecord(index, name, w_old.numel(), counts[name], zeros, err, ready.dampening))
+        del w_new
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return records
+
+
+def prune_sequential(runner: BlockRunner, windows, counts, spec: PruneSpec, progress=None, commit=None) -> list[MatrixRecord]:
+    """The anchors' protocol: block l is calibrated on the outputs of the pruned blocks before it."""
+    records = []
+    hidden = runner.embed(windows)
+    for index in range(len(runner.blocks)):
+        with runner.block(index) as block:
+            _, stats = collect_stats(runner, block, hidden, spec.pruner.needs == "hessian")
+            records += prune_block(index, block, stats, counts[index], spec)
+            del stats
+            if commit is not None:
+                commit(index)
+            if index + 1 < len(runner.blocks):
+                hidden = runner.run(block, hidden)
+        if progress:
+            progress.advance(index + 1, len(runner.blocks))
+    return records
+
+
+def prune_from_profile(runner: BlockRunner, profile_stats, counts, spec: PruneSpec, progress=None,
+                       commit=None) -> list[MatrixRecord]:
+    """Every block from the one dense pass's statistics (`profile_stats[k]`, or None for magnitude)."""
+    records = []
+    for index in range(len(runner.blocks)):
+        with runner.block(index) as block:
+            records += prune_block(index, block, profile_stats[index] if profile_stats else None, counts[index], spec)
+            if commit is not None:
+                commit(index)
+        if progress:
+            progress.advance(index + 1, len(runner.blocks))
+    return records

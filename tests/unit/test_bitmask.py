@@ -1,0 +1,58 @@
+"""The bitmask codec (pure): bytes checked by hand and against numpy.packbits, 2:4 refusal, and the round trip."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from absorbdeploy.bitmask import compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode
+from absorbdeploy.errors import UserError
+
+
+def test_bitmask_bytes_by_hand():
+    w = torch.tensor([[0.0, 1.5, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0, 0.0],
+                      [4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    parts = compress_bitmask(w)
+    # little-endian bits along each row: row 0 sets bits 1, 4 | 8 -> bytes 0b00010010 = 18, 0b00000001 = 1
+    assert parts["bitmask"].tolist() == [[18, 1], [129, 0]]
+    assert parts["compressed"].tolist() == [1.5, 2.0, 3.0, 4.0, 5.0] and parts["compressed"].dtype == torch.bfloat16
+    assert parts["row_offsets"].tolist() == [0, 3] and parts["shape"].tolist() == [2, 10]
+    assert torch.equal(decompress_bitmask(parts), w)
+
+
+def test_bitmask_matches_numpy_packbits_on_odd_shapes():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1), (3, 7), (5, 9), (17, 33)]:
+        w = torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) > 0.6)
+        parts = compress_bitmask(w)
+        expected = np.packbits((w != 0).numpy(), axis=-1, bitorder="little")
+        assert np.array_equal(parts["bitmask"].numpy(), expected) and torch.equal(decompress_bitmask(parts), w)
+
+
+def test_two_four_refuses_a_tensor_that_is_not_two_four():
+    ok = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    parts = compress_24(ok)
+    assert parts["shape"].tolist() == [[1], [8]] and parts["compressed"].shape == (1, 4)
+    assert torch.equal(decompress_24(parts), ok)
+    with pytest.raises(UserError, match="not 2:4"):
+        compress_24(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), columns=st.integers(1, 70), density=st.floats(0, 1), seed=st.integers(0, 10**6))
+def test_round_trip_is_exact_and_row_offsets_index_each_row(rows, columns, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, columns, generator=g) * (torch.rand(rows, columns, generator=g) < density)).to(torch.bfloat16)
+    parts = encode(w, "sparse-bitmask")
+    assert torch.equal(decode(parts, "sparse-bitmask"), w)
+    counts = (w != 0).sum(1)
+    assert parts["row_offsets"].tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    assert parts["bitmask"].shape == (rows, (columns + 7) // 8)
+
+
+def test_a_bitmask_that_disagrees_with_its_values_is_refused():
+    parts = compress_bitmask(torch.tensor([[1.0, 0.0, 2.0]]))
+    parts["compressed"] = parts["compressed"][:1]
+    with pytest.raises(UserError, match="2 bits set, 1 values"):
+        decompress_bitmask(parts)
