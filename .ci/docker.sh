@@ -74,6 +74,8 @@ assert report["status"] == "passed" and report["exit_code"] == 0, report["failed
 assert alloc["exact"] and alloc["zeros"] == round(alloc["target"] * alloc["weights"]), alloc
 for fmt, art in report["artefacts"].items():
     assert "error" not in art and art["realised_sparsity"] == alloc["realised"], (fmt, art)
+assert "bitmask" in report["artefacts"], list(report["artefacts"])
+assert report["environment"]["bitmask_kernel"]["backend"] == "extension", report["environment"].get("bitmask_kernel")
 ppls = ", ".join(f"{name} PPL {art['ppl']:.3f}" for name, art in report["artefacts"].items())
 print(f"[docker-ci] report: {report['status']}, realised sparsity {alloc['realised']:.6f} (target {alloc['target']}); {ppls}")
 PY

@@ -21,6 +21,7 @@ from absorbdeploy.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-sparse format (same tensors as sparse-bitmask)
+MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 ALWAYS_IGNORABLE = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")  # stale buffers transformers drops too
 

@@ -3,6 +3,7 @@ against the files it came from (every tensor the config implies, no stray ones, 
 checked for non-finite values and values the export dtype cannot hold, then rounded once to the export dtype.
 """
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +104,11 @@ def _load_gguf(source: ModelSource):
 
 def _load_directory(source: ModelSource, trust_remote_code: bool):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-        if source.layout is not None:  # a bitmask checkpoint: our codec decodes the weights
-            del config.quantization_config
+        config = source_config(source, trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
         index = check_matches_disk(skeleton, source)
@@ -124,6 +123,19 @@ def _load_directory(source: ModelSource, trust_remote_code: bool):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"transformers could not load {source.name}: {_first_line(e)}") from None
     return model, tokenizer
+
+
+def source_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model's transformers config; for a bitmask checkpoint, its base architecture's config without the
+    quantization_config (our codec decodes the weights)."""
+    from transformers import AutoConfig
+
+    if source.layout is None:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    values = json.loads((Path(source.path) / "config.json").read_text())
+    values.pop("quantization_config")
+    values["model_type"] = source.model_type
+    return AutoConfig.for_model(**values)
 
 
 def _first_line(error: Exception) -> str:

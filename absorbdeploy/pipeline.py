@@ -45,13 +45,12 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: boo
         check_probe(recipe)
     data.check_context(source.context, max(recipe.calibration.seqlen, recipe.validate.seqlen))
     data.check_text_paths(recipe.calibration.text, recipe.validate.text)
-    formats = tuple(recipe.export.formats) if recipe.export.formats is not None else tuple(exporters.installed())
-    exporters.check_available(formats)
+    formats, format_notes = exporters.select(recipe.export.formats, recipe.export.dtype)
     load.check_device_present(recipe.device)
     texts = [Path(t).expanduser() for t in (recipe.calibration.text, recipe.validate.text) if t]
     recipe_file = [Path(recipe_origin)] if Path(recipe_origin).is_file() else []
     atomic.check_destination(out, overwrite, source_.input_paths(source) + texts + recipe_file)
-    return Plan(recipe, source, formats, out, overwrite, trust_remote_code, recipe_origin, tuple(notes))
+    return Plan(recipe, source, formats, out, overwrite, trust_remote_code, recipe_origin, tuple(notes + format_notes))
 
 
 def run(plan: Plan, progress: Progress) -> dict:

@@ -19,18 +19,27 @@ def artefact_rows(report: dict) -> list[list[str]]:
     rows = []
     for fmt, a in report["artefacts"].items():
         if "error" in a:
-            rows.append([fmt, a.get("runtime", "?"), "FAILED: " + a["error"], "", "", "", "", "", "", ""])
+            rows.append([fmt, a.get("runtime", "?"), "FAILED: " + a["error"], "", "", "", "", "", "", "", ""])
             continue
         diff = a["max_abs_logit_diff"] if a.get("max_abs_logit_diff") is not None else a.get("max_abs_logprob_diff")
         kind = "logit" if a.get("max_abs_logit_diff") is not None else "logprob"
         ratio = f" ({a['bytes_ratio']:.2f}x dense)" if a.get("bytes_ratio") else ""
         rows.append([fmt, a["runtime"], "yes", _f(a["ppl"]), _f(a.get("dense_ppl")), _f(a.get("ppl_ratio")),
                      _f(a["top1_agreement"], 4), f"{_f(diff)} ({kind})", _mib(a["bytes"]) + ratio,
-                     _f(a.get("realised_sparsity"), 6)])
+                     _resident(a), _f(a.get("realised_sparsity"), 6)])
     return rows
 
 
-ARTEFACT_HEADER = ["artefact", "runtime", "reload", "PPL", "dense PPL", "ratio", "top-1 agree", "max |Δ|", "size", "sparsity on disk"]
+ARTEFACT_HEADER = ["artefact", "runtime", "reload", "PPL", "dense PPL", "ratio", "top-1 agree", "max |Δ|", "size",
+                   "resident weights", "sparsity on disk"]
+
+
+def _resident(a: dict) -> str:
+    """Weights in memory where this process measured them; vLLM and onnxruntime hold dense copies elsewhere."""
+    mine, dense = a.get("resident_weight_bytes"), a.get("dense_resident_weight_bytes")
+    if mine is None:
+        return "dense (zeros stored)"
+    return _mib(mine) + (f" ({mine / dense:.2f}x dense)" if dense else "")
 
 
 def latency_rows(report: dict) -> list[list[str]]:

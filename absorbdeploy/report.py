@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from absorbdeploy import __version__
+from absorbdeploy.version import __version__
 from absorbdeploy.recipe import structure_name, to_dict
 
 SCHEMA = "absorbdeploy.report/1"

@@ -43,6 +43,10 @@ class Runner:
     def generate(self, prompt, new_tokens: int) -> Timing:
         raise NotImplementedError
 
+    def resident_weight_bytes(self) -> int | None:
+        """Bytes of weights held in memory, where this process can measure them (None: another process or runtime)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -76,6 +80,11 @@ class TorchRunner(Runner):
     def __init__(self, model, batch_size: int = 4, name: str = "torch"):
         self.model, self.batch_size, self.runtime = model, batch_size, name
         self.device = next(model.parameters()).device
+
+    def resident_weight_bytes(self) -> int:
+        from absorbdeploy.sparse_linear import resident_weight_bytes
+
+        return resident_weight_bytes(self.model)
 
     def logits(self, ids):
         import torch

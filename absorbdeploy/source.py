@@ -118,6 +118,8 @@ def _directory(path: Path, kind: str, name: str, trust_remote_code: bool) -> Mod
     if not isinstance(config, dict):
         raise UserError(f"{config_path} is not a JSON object; the model directory is damaged")
     model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith(checkpoint.MODEL_TYPE_PREFIX):  # our bitmask format
+        model_type = model_type[len(checkpoint.MODEL_TYPE_PREFIX):]
     architectures = config.get("architectures") or []
     if not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures):
         raise UserError(f"{name} is not a causal language model (architectures: {architectures or 'none'}); absorbdeploy prunes *ForCausalLM models")

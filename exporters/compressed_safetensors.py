@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from absorbdeploy import exporters
-from absorbdeploy.bitmask import PARTS, compress_bitmask, decode, encode  # noqa: F401  (compress_bitmask: the kernel's tests)
 from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, unique_state_dict, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, write_sidecar
 
 FORMAT = "compressed-safetensors"
 RUNTIME = "torch (decoded)"
@@ -29,38 +28,11 @@ TIMED = False  # it decodes to exactly the in-memory model, which is timed in to
 LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose on-disk layout this reproduces
 
 
-def _source_tensors(model, spec: ExportSpec):
-    """(name, tensor) in the export dtype: from the model, or, in streaming mode, shard by shard from vllm/."""
-    import torch
-
-    if spec.checkpoint is None:
-        yield from unique_state_dict(model, getattr(torch, spec.dtype)).items()
-        return
-    from safetensors.torch import load_file
-
-    for file in sorted(Path(spec.checkpoint).glob("*.safetensors")):
-        yield from load_file(str(file)).items()
-
-
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
-    from absorbdeploy.stream import ShardWriter, parse_size, streaming_shard_bytes
-
     start = time.perf_counter()
     out = Path(out_dir)
     layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
-    limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
-    writer = ShardWriter(out, limit)
-    prunable = set(spec.prunable)
-    for name, t in _source_tensors(model, spec):
-        if name in prunable:
-            module = name[: -len(".weight")]
-            writer.add({f"{module}.{k}": v for k, v in encode(t, layout).items()}, group=True)
-        else:
-            writer.add({name: t})
-    writer.finish()
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]  # as save_pretrained writes it
-    config["dtype"] = spec.dtype
+    config = exporters.base_config(model, spec.dtype)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "sparsity_config": {"format": layout, "global_sparsity": spec.sidecar.get("allocation", {}).get("realised", 0.0),
@@ -70,25 +42,14 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
         "transform_config": {},
         "version": LAYOUT_VERSION,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    exporters.write_packed(model, tokenizer, out, spec, layout, config)
     write_sidecar(out, spec, FORMAT)
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, [f"layout {layout} (compressed-tensors {LAYOUT_VERSION})"])
 
 
 def tensors(out_dir):
     """Every stored tensor, compressed modules decoded to dense, one shard at a time (a module never straddles shards)."""
-    from safetensors.torch import load_file
-
-    layout = _layout(out_dir)
-    for file in sorted(Path(out_dir).glob("*.safetensors")):
-        raw = load_file(str(file))
-        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in PARTS}}
-        for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
-        yield decoded
+    yield from exporters.decoded_shards(out_dir, _layout(out_dir))
 
 
 def _layout(out_dir) -> str:

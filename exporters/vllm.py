@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from absorbdeploy import exporters
-from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, unique_state_dict, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, write_sidecar
 from absorbdeploy.runners import Runner, Scores, Timing
 
 FORMAT = "vllm"
@@ -30,26 +30,10 @@ TIMED = True
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
-    import torch
-
     start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if spec.streamed is not None:  # streaming: the pruned blocks are already in the shards; add the rest, then index
-        spec.streamed.add(unique_state_dict(model, getattr(torch, spec.dtype)))
-        spec.streamed.finish()
-        model.config.to_json_file(out / "config.json")
-        model.generation_config.save_pretrained(out)
-    else:
-        # A converted copy of the state dict: casting the model itself would also round its rotary buffers.
-        state = unique_state_dict(model, getattr(torch, spec.dtype))
-        model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
-        del state
-    tokenizer.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    config["dtype"] = spec.dtype  # what `vllm serve DIR` and from_pretrained(dtype="auto") will use
-    assert "sparsity_config" not in json.dumps(config), "vLLM refuses sparsity metadata; it belongs in the sidecar"
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    exporters.write_checkpoint(model, tokenizer, out, spec)
+    assert "sparsity_config" not in (out / "config.json").read_text(), "vLLM refuses sparsity metadata (sidecar only)"
     write_sidecar(out, spec, FORMAT)
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start)
 

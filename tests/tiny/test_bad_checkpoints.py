@@ -189,3 +189,16 @@ def test_a_compressed_safetensors_export_is_accepted_as_input(tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["model"]["dtype"]["source"] == "bfloat16" and report["allocation"]["exact"]
         assert report["allocation"]["realised"] == pytest.approx(0.6, abs=1e-5)
+
+
+def test_a_format_that_cannot_store_the_export_dtype_is_refused_or_left_out(tmp_path):
+    proc = run_cli("prune-and-export", "builtin:tiny-llama", "--recipe", "smoke-tiny", "--formats", "bitmask",
+                   "--set", "export.dtype=float32", "--out", tmp_path / "out")
+    assert_refused(proc, "format 'bitmask' stores bfloat16 or float16 weights, not float32", tmp_path / "out")
+    from absorbdeploy import exporters
+    from absorbdeploy.pipeline import preflight
+    from absorbdeploy.recipe import Recipe, override
+
+    plan = preflight(override(Recipe(), "export.dtype=float32"), tmp_path / "x", False, False, "defaults")
+    assert "bitmask" not in plan.formats and any("leaves out bitmask" in n for n in plan.notes)
+    assert set(plan.formats) == set(exporters.installed()) - {"bitmask"}

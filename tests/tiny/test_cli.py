@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from absorbdeploy import exporters
 from tests.conftest import run_cli
 
 
@@ -30,8 +31,6 @@ def test_smoke_tiny_exits_zero_and_writes_every_artefact(smoke):
 
 
 def test_smoke_realised_sparsity_read_back_from_disk_is_exact(smoke):
-    from absorbdeploy import exporters
-
     out, _ = smoke
     prunable = exporters.read_sidecar(out / "vllm")["prunable"]
     tensors = {k: v for shard in exporters.get("vllm").tensors(out / "vllm") for k, v in shard.items() if k in prunable}
@@ -48,7 +47,7 @@ def test_smoke_report_compares_every_artefact(smoke):
     out, _ = smoke
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "passed" and report["exit_code"] == 0
-    assert set(report["artefacts"]) == {"vllm", "compressed-safetensors", "onnx"}
+    assert set(report["artefacts"]) == set(exporters.FORMATS)
     for fmt, art in report["artefacts"].items():
         assert art["top1_agreement"] == 1.0, fmt
         assert art["ppl"] == pytest.approx(report["reference"]["ppl"], rel=1e-4), fmt
@@ -61,7 +60,7 @@ def test_smoke_report_compares_every_artefact(smoke):
 def test_smoke_times_dense_and_pruned_side_by_side_in_every_runtime(smoke):
     out, _ = smoke
     runtimes = json.loads((out / "report.json").read_text())["runtimes"]
-    assert set(runtimes) == {"torch", "vllm", "onnxruntime"}
+    assert set(runtimes) == {"torch", "vllm", "onnxruntime", "torch + bitmask kernel"}
     for runtime, entry in runtimes.items():
         phases = ["prefill_tok_s"] + (["decode_tok_s"] if runtime != "onnxruntime" else [])
         for phase in phases:

@@ -1,0 +1,30 @@
+"""`python -m absorbdeploy.kernels build`: compile the C++ kernels into the cache ahead of time (install.sh calls it).
+
+Prints the shared object's path, the seconds it took and the ISA paths this CPU has; exits 1, with the reason on
+stderr, when the build fails (bitmask_linear then runs on the pure-torch reference).
+"""
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m absorbdeploy.kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="compile the kernels into the cache (instant when already built)")
+    parser.parse_args(argv)
+    from absorbdeploy.kernels import build, ops
+
+    start = time.perf_counter()
+    try:
+        library = build.load()
+    except build.BuildError as e:
+        print(f"absorbdeploy kernels not built: {e}; bitmask_linear will use the pure-torch reference", file=sys.stderr)
+        return 1
+    print(f"{library} ({time.perf_counter() - start:.1f} s); ISA paths on this CPU: {', '.join(ops.available_paths())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

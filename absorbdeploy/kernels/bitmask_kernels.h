@@ -1,0 +1,97 @@
+// Per-ISA kernels of absorbdeploy::bitmask_linear. Plain C++ (no torch headers) so each ISA file compiles fast and
+// on its own target attributes; bitmask_linear.cpp does the torch side (checks, x preparation, threads, GEMM).
+//
+// The weight W [rows, in_features] is stored as absorbdeploy/bitmask.py::compress_bitmask writes it:
+//   values      [nnz] bf16 or fp16 bits, the non-zeros of W in row-major order,
+//   bitmask     [rows, mask_stride] uint8, bit j of row r set iff W[r, j] != 0, little-endian along the input dim,
+//   row_offsets [rows] int64, index in values of each row's first non-zero.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace absorbdeploy {
+
+enum class ValueType { bf16, fp16 };
+
+// Every kernel may read up to kValueOverread values past the end of a row's non-zeros (full-width vector loads);
+// the caller guarantees those reads stay inside `values` (bitmask_linear.cpp bounces the last rows).
+constexpr int64_t kValueOverread = 32;
+// x is handed to the decode kernels as fp32 rows padded with zeros to a multiple of kXBlock columns.
+constexpr int64_t kXBlock = 64;
+// The decode path processes at most this many batch rows per pass over a weight row.
+constexpr int kMaxBatchGroup = 4;
+
+struct BitmaskMatrix {
+  const uint16_t* values;      // row r's non-zeros start at values[row_offsets[r] - values_origin]
+  int64_t values_origin;
+  const uint8_t* bitmask;
+  int64_t mask_stride;         // bytes per bitmask row, ceil(in_features / 8)
+  const int64_t* row_offsets;
+  int64_t in_features;
+  ValueType value_type;
+};
+
+// x: fp32 [batch, x_stride] in the column order the path asks for (x_column_avx512; natural for the others),
+// zero-padded past in_features. The gemv_rows_* functions write y[b * y_stride + r] = sum_j x[b, j] * W[r, j] for
+// rows [row_begin, row_end) and every batch row.
+struct DecodeOutput {
+  const float* x;
+  int64_t x_stride;
+  int64_t batch;
+  float* y;
+  int64_t y_stride;
+};
+
+// The AVX-512 path wants x in its lane order: position p of each 32-column block holds column x_column_avx512(p).
+int64_t x_column_avx512(ValueType value_type, int64_t position);
+
+// Rows [row_begin, row_end) of W written densely, row r at (r - row_begin) * stride: as fp32 into `fp32`, or, when
+// that is null, as the values' own 16-bit patterns into `bits16` (zeros where the bitmask is clear).
+struct DenseTile {
+  float* fp32;
+  uint16_t* bits16;
+  int64_t stride;
+};
+
+void gemv_rows_scalar(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
+void decode_rows_scalar(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
+
+#if defined(__x86_64__)
+bool cpu_has_avx512();
+bool cpu_has_avx2();
+void gemv_rows_avx512(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
+void decode_rows_avx512(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
+void gemv_rows_avx2(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
+void decode_rows_avx2(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
+#endif
+
+// Software prefetch far ahead of the value and bitmask streams. Measured on 4096 x 11008 at 70 % sparsity, batch 1,
+// 2 threads, right after a dense fp32 GEMV: 1.83 ms without, 0.85-0.88 ms at 16-32 KiB ahead, 1.3 ms at 4 KiB.
+constexpr int64_t kPrefetchValueBytes = 16384, kPrefetchMaskBytes = 4096;
+
+inline void prefetch_ahead(const uint16_t* values, const uint8_t* mask) {  // integer arithmetic: may pass the end
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(values) + kPrefetchValueBytes));
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(mask) + kPrefetchMaskBytes));
+}
+
+inline uint64_t load_word(const uint8_t* bytes) {
+  uint64_t bits;
+  std::memcpy(&bits, bytes, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  bits = __builtin_bswap64(bits);
+#endif
+  return bits;  // bit j is column 64 * word + j
+}
+
+// The bitmask bits of row r, columns [64 * word, 64 * word + 64), with bits at or past in_features cleared.
+inline uint64_t mask_word(const BitmaskMatrix& w, int64_t r, int64_t word) {
+  const uint8_t* bytes = w.bitmask + r * w.mask_stride + 8 * word;
+  const int64_t valid = w.in_features - 64 * word;
+  if (valid >= 64) return load_word(bytes);
+  uint64_t bits = 0;
+  for (int64_t i = 0; i < (valid + 7) / 8; ++i) bits |= uint64_t(bytes[i]) << (8 * i);
+  return bits & ((uint64_t(1) << valid) - 1);
+}
+
+}  // namespace absorbdeploy

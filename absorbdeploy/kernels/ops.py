@@ -1,0 +1,119 @@
+"""`torch.ops.absorbdeploy.bitmask_linear`: y = x @ W^T (+ bias) with W in the bitmask layout of
+bitmask.py::compress_bitmask, its pure-torch reference, and the lazy loading that defines it.
+
+The op is defined on the first `ensure_loaded()` (which `bitmask_linear` calls): by the compiled C++ library when it
+builds, otherwise, after one warning, in Python with the reference as its CPU kernel, so callers always use the same
+op. A fake (meta) implementation is registered either way for torch.compile.
+"""
+
+import os
+import threading
+import warnings
+
+import torch
+
+SCHEMA = "(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias) -> Tensor"
+ISA_VARIABLE = "ABSORBDEPLOY_KERNEL_ISA"
+_state: dict = {}
+_lock = threading.Lock()
+
+
+def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, bias=None):
+    """y = x @ W^T (+ bias) by decoding W densely with torch ops; needs no compiler.
+
+    x [..., in_features] fp32/bf16/fp16; values [nnz] bf16/fp16; bitmask uint8 [out, ceil(in_features / 8)];
+    row_offsets int64 [out] (implied by the bitmask, so unused here); bias [out] or None.
+    Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz.
+    """
+    rows = bitmask.shape[0]
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # little-endian within each byte
+    mask = bits.reshape(rows, -1)[:, :in_features].bool()
+    dense = torch.zeros(rows, in_features, dtype=torch.float32)
+    dense[mask] = values.float()
+    y = x.float() @ dense.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _fake(x, values, bitmask, row_offsets, in_features, bias=None):
+    return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+def _check_no_forced_path() -> None:
+    forced = os.environ.get(ISA_VARIABLE, "")
+    if forced not in ("", "auto"):
+        raise RuntimeError(f"{ISA_VARIABLE}={forced} asks for a compiled path, but the kernels are not built on this "
+                           "machine (see the earlier warning); unset it to use the pure-torch reference")
+
+
+def _reference_kernel(x, values, bitmask, row_offsets, in_features, bias=None):
+    _check_no_forced_path()
+    return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias)
+
+
+def _define_in_python() -> None:
+    torch.library.define("absorbdeploy::bitmask_linear", SCHEMA)
+    torch.library.impl("absorbdeploy::bitmask_linear", "cpu", _reference_kernel)
+
+
+def ensure_loaded() -> str:
+    """Define the op once per process; returns its backend, "extension" or "reference".
+
+    Builds the C++ kernels on first use (absorbdeploy.kernels.build). If that fails (no compiler, no ninja, a failed
+    compile) warns once, saying why, and falls back to the reference.
+    """
+    if "backend" in _state:
+        return _state["backend"]
+    with _lock:
+        if "backend" not in _state:
+            from absorbdeploy.kernels import build
+
+            try:
+                build.load()
+                _state["backend"] = "extension"
+            except build.BuildError as e:
+                warnings.warn(f"absorbdeploy kernels unavailable: {e}; absorbdeploy::bitmask_linear uses the slow "
+                              "pure-torch reference", stacklevel=3)
+                _define_in_python()
+                _state["backend"] = "reference"
+            torch.library.register_fake("absorbdeploy::bitmask_linear")(_fake)
+        return _state["backend"]
+
+
+def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None):
+    """y = x @ W^T (+ bias) through torch.ops.absorbdeploy.bitmask_linear (loaded on first call).
+
+    Shapes and dtypes as in `bitmask_linear_reference`; row_offsets must be the exclusive cumulative sum of the
+    bitmask's per-row popcounts. Raises RuntimeError on malformed inputs or when ABSORBDEPLOY_KERNEL_ISA asks for a
+    path this CPU lacks.
+    """
+    if not torch.compiler.is_compiling():
+        ensure_loaded()
+    return torch.ops.absorbdeploy.bitmask_linear(x, values, bitmask, row_offsets, in_features, bias)
+
+
+def available_paths() -> list[str]:
+    """ISA paths compiled in and supported by this CPU, best first (e.g. ["avx512", "avx2", "scalar"]); empty when
+    the op runs on the reference."""
+    if ensure_loaded() == "reference":
+        return []
+    return list(torch.ops.absorbdeploy.kernel_paths())
+
+
+def active_path() -> str:
+    """The path the next call takes under the current ABSORBDEPLOY_KERNEL_ISA: an ISA name or "reference".
+    Raises RuntimeError when the variable asks for a path that is not available."""
+    if ensure_loaded() == "reference":
+        _check_no_forced_path()
+        return "reference"
+    return torch.ops.absorbdeploy.kernel_active_path()
+
+
+def pack_bitmask(weight: torch.Tensor) -> dict:
+    """weight [out, in] bf16/fp16 -> {"values" [nnz], "bitmask" uint8 [out, ceil(in / 8)], "row_offsets" int64 [out]},
+    exactly as the compressed-safetensors exporter writes them."""
+    from absorbdeploy.bitmask import compress_bitmask
+
+    parts = compress_bitmask(weight)
+    return {"values": parts["compressed"], "bitmask": parts["bitmask"], "row_offsets": parts["row_offsets"]}

@@ -1,0 +1,185 @@
+"""End-to-end batch-1 decode: dense vs the served-sparse `bitmask` export, loaded the standard way (issue 17).
+
+For each model and sparsity: the model is pruned by the CLI (Wanda, uniform, `--formats bitmask`), then one process
+loads the dense checkpoint (float32 and bfloat16) and the bitmask export (`import absorbdeploy` + from_pretrained,
+activations float32 and bfloat16) and times greedy generation of `--new-tokens` tokens after a 16-token prompt,
+all variants interleaved (rotating order) after a warm-up. Reported: decode tokens/s median [p10, p90] per variant, the
+ratio of the sparse variant to the *best* dense one, resident weight bytes (all weights, and the decoder Linears alone),
+peak RSS of a process that loads one variant and generates (measured in its own process), and whether the sparse
+greedy tokens equal the pruned model's run densely (same weights, decoded).
+
+Models: `smollm2` (the embedded SmolLM2-135M-Instruct, saved as a bf16 checkpoint first) and `tinyllama`, a random
+Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000).
+
+    .venv/bin/python bench/decode.py                                  # both models at 50 and 70 %
+    .venv/bin/python bench/decode.py --models smollm2 --sparsities 0.7 --iters 3 --new-tokens 32   # quick
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import table, write
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ("dense float32", "dense bfloat16", "sparse float32", "sparse bfloat16")
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def prepare(name: str, folder: Path) -> Path:
+    """A dense bf16 safetensors checkpoint of the model, written once."""
+    import torch
+
+    target = folder / f"{name}-dense"
+    if (target / "config.json").is_file():
+        return target
+    if name == "smollm2":
+        from absorbdeploy.load import load
+        from absorbdeploy.source import resolve_source
+
+        lm = load(resolve_source(None), torch.device("cpu"))
+        model, tokenizer = lm.model, lm.tokenizer
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from absorbdeploy.tiny import byte_tokenizer
+
+        torch.manual_seed(0)
+        model, tokenizer = LlamaForCausalLM(LlamaConfig(**TINYLLAMA)).eval(), byte_tokenizer()
+    model.to(torch.bfloat16).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def prune(dense: Path, sparsity: float, folder: Path, quick: bool) -> Path:
+    out = folder / f"{dense.name.removesuffix('-dense')}-{int(sparsity * 100)}"
+    if (out / "bitmask" / "config.json").is_file():
+        return out / "bitmask"
+    calibration = ["calibration.nsamples=8", "calibration.seqlen=256"] if quick or "tinyllama" in dense.name else []
+    sets = ["prune.method=wanda", f"prune.sparsity={sparsity}", "allocation.method=uniform", "absorption.enabled=false",
+            "validate.latency.enabled=false", "validate.eval_windows=2", "validate.seqlen=256", *calibration]
+    args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", "bitmask", "--out", str(out),
+            "--overwrite", "--quiet", *[a for s in sets for a in ("--set", s)]]
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"pruning {dense.name} at {sparsity} failed: {proc.stderr.strip()}")
+    print(f"  pruned {dense.name} to {sparsity:.0%} in {time.perf_counter() - start:.0f} s", flush=True)
+    return out / "bitmask"
+
+
+def load_variant(variant: str, dense: Path, sparse: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import absorbdeploy  # noqa: F401  (the bitmask format's registration)
+
+    kind, dtype = variant.split()
+    return AutoModelForCausalLM.from_pretrained(dense if kind == "dense" else sparse, dtype=getattr(torch, dtype)).eval()
+
+
+def linear_bytes(model) -> int:
+    """Bytes of the decoder Linears' weights as held (dense weight or packed buffers)."""
+    from absorbdeploy.blocks import prunable_linears
+    from absorbdeploy.sparse_linear import BitmaskLinear
+
+    total = 0
+    for block in model.model.layers:
+        for module in block.modules():
+            if isinstance(module, BitmaskLinear):
+                total += module.packed_bytes()
+        total += sum(m.weight.numel() * m.weight.element_size() for _, m in prunable_linears(block))
+    return total
+
+
+def time_variants(dense: Path, sparse: Path, new_tokens: int, warmup: int, iters: int) -> dict:
+    import torch
+
+    from absorbdeploy.latency import summarise
+    from absorbdeploy.runners import TorchRunner
+    from absorbdeploy.sparse_linear import densify, resident_weight_bytes
+
+    models = {v: load_variant(v, dense, sparse) for v in VARIANTS}
+    runners = {v: TorchRunner(m, 1) for v, m in models.items()}
+    prompt = torch.randint(0, min(models["dense float32"].config.vocab_size, 256), (1, 16),
+                           generator=torch.Generator().manual_seed(0))
+    tokens = {v: [] for v in VARIANTS}
+    for i in range(warmup + iters):
+        order = VARIANTS[i % len(VARIANTS):] + VARIANTS[: i % len(VARIANTS)]
+        for v in order:
+            timing = runners[v].generate(prompt, new_tokens)
+            if i >= warmup:
+                tokens[v].append((new_tokens - 1) / timing.decode_s)
+    result = {v: {"decode_tok_s": summarise(tokens[v]), "resident_weight_bytes": resident_weight_bytes(models[v]),
+                  "linear_weight_bytes": linear_bytes(models[v])} for v in VARIANTS}
+    for v in ("sparse float32", "sparse bfloat16"):  # the same weights decoded and run densely, in the same dtype
+        reference = load_variant(v, dense, sparse)
+        densify(reference)
+        want = TorchRunner(reference, 1).generate(prompt, new_tokens).tokens
+        result[v]["greedy_equals_pruned_dense"] = runners[v].generate(prompt, new_tokens).tokens == want
+    return result
+
+
+def peak_rss(variant: str, dense: Path, sparse: Path, new_tokens: int) -> float:
+    """GiB: a fresh process loads one variant and generates once; its VmHWM (ru_maxrss would carry over the parent's
+    high-water mark across fork + exec)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode, torch\n"
+            f"from absorbdeploy.runners import TorchRunner\n"
+            f"m = decode.load_variant({variant!r}, decode.Path({str(dense)!r}), decode.Path({str(sparse)!r}))\n"
+            f"TorchRunner(m, 1).generate(torch.zeros(1, 16, dtype=torch.long), {new_tokens})\n"
+            f"print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    return int(proc.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="smollm2,tinyllama")
+    parser.add_argument("--sparsities", default="0.5,0.7")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--work", default="/tmp/absorbdeploy-decode-bench")
+    parser.add_argument("--quick", action="store_true", help="small calibration for every model")
+    args = parser.parse_args()
+    import torch
+
+    from absorbdeploy.kernels import active_path
+
+    folder = Path(args.work)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cases = [], []
+    for name in args.models.split(","):
+        dense = prepare(name, folder)
+        for sparsity in map(float, args.sparsities.split(",")):
+            sparse = prune(dense, sparsity, folder, args.quick)
+            timed = time_variants(dense, sparse, args.new_tokens, args.warmup, args.iters)
+            rss = {v: peak_rss(v, dense, sparse, args.new_tokens) for v in VARIANTS}
+            best = max(("dense float32", "dense bfloat16"), key=lambda v: timed[v]["decode_tok_s"]["median"])
+            cases.append({"model": name, "sparsity": sparsity, "best_dense": best, "variants": timed, "peak_rss_gib": rss})
+            for v in VARIANTS:
+                t = timed[v]["decode_tok_s"]
+                rows.append({"model": name, "sparsity": f"{sparsity:.0%}", "variant": v,
+                             "tok/s median [p10, p90]": f"{t['median']:.1f} [{t['p10']:.1f}, {t['p90']:.1f}]",
+                             "vs best dense": f"{t['median'] / timed[best]['decode_tok_s']['median']:.2f}x",
+                             "Linear weights": f"{timed[v]['linear_weight_bytes'] / 2**20:.0f} MiB "
+                                               f"({timed[v]['linear_weight_bytes'] / timed['dense bfloat16']['linear_weight_bytes']:.2f}x bf16)",
+                             "all weights": f"{timed[v]['resident_weight_bytes'] / 2**20:.0f} MiB",
+                             "peak RSS": f"{rss[v]:.2f} GiB", "greedy = pruned": str(timed[v].get("greedy_equals_pruned_dense", "-"))})
+            print(table(rows[-len(VARIANTS):], list(rows[-1])), flush=True)
+    print("\n" + table(rows, list(rows[0])))
+    path = write("decode", {"threads": torch.get_num_threads(), "kernel_path": active_path(), "new_tokens": args.new_tokens,
+                            "prompt_len": 16, "warmup": args.warmup, "iters": args.iters,
+                            "load_average_at_end": list(os.getloadavg()), "cases": cases})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The served-sparse `bitmask` format through transformers' own door: `import absorbdeploy`, then from_pretrained.
+The loaded model holds only packed weights, runs the kernel, matches the in-memory pruned model, generates the same
+tokens; plain transformers refuses the directory instead of loading random weights."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from absorbdeploy import exporters
+from absorbdeploy.runners import TorchRunner
+from absorbdeploy.sparse_linear import BitmaskLinear, resident_weight_bytes
+from tests.tiny.test_exporters import IDS, pruned_tiny
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def exported(request, tmp_path_factory):
+    model, tokenizer, spec = pruned_tiny(request.param)
+    out = tmp_path_factory.mktemp("bitmask") / "bitmask"
+    exporters.get("bitmask").export(model, tokenizer, out, spec("bitmask"))
+    return model, out, request.param
+
+
+def _load(out, dtype=torch.float32):
+    import absorbdeploy  # noqa: F401  (registers the format with transformers)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+
+
+def test_loads_with_packed_linears_only_and_matches_the_pruned_model(exported):
+    model, out, dtype = exported
+    loaded = _load(out)
+    linears = [m for layer in loaded.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [m for layer in loaded.model.layers for m in layer.modules() if isinstance(m, BitmaskLinear)]
+    assert linears == [] and len(packed) == 28
+    assert all(m.compressed.dtype == getattr(torch, dtype) for m in packed)
+    expected, got = TorchRunner(model).logits(IDS), TorchRunner(loaded).logits(IDS)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert resident_weight_bytes(loaded) < resident_weight_bytes(model) / 2  # fp32 dense vs packed 16-bit
+
+
+def test_greedy_generation_is_the_same(exported):
+    model, out, _ = exported
+    loaded = _load(out)
+    prompt = IDS[:1, :12]
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+
+
+def test_casting_the_model_keeps_the_stored_values(exported):
+    _, out, dtype = exported
+    loaded = _load(out, dtype=torch.bfloat16).to(torch.float32)
+    module = loaded.model.layers[0].self_attn.q_proj
+    assert module.compressed.dtype == getattr(torch, dtype) and loaded.model.norm.weight.dtype == torch.float32
+    before = module.compressed.clone()
+    module.half()  # transformers refuses .half() on a quantized model as a whole; the module keeps its bytes anyway
+    assert torch.equal(module.compressed, before)
+
+
+def test_config_names_our_model_type_and_targets(exported):
+    _, out, _ = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "absorbdeploy_llama" and config["architectures"] == ["LlamaForCausalLM"]
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "absorbdeploy-bitmask" and len(quant["targets"]) == 28
+    assert quant["targets"][0] == "model.layers.0.self_attn.q_proj"
+
+
+def test_plain_transformers_refuses_the_directory(exported):
+    _, out, _ = exported
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "model type `absorbdeploy_llama`" in proc.stderr
+
+
+def test_import_before_transformers_registers_on_its_import(exported):
+    _, out, _ = exported
+    code = ("import absorbdeploy, sys; assert 'transformers' not in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); print(type(m.model.layers[0].mlp.up_proj).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "BitmaskLinear", proc.stderr[-2000:]
+
+
+def test_a_two_four_model_uses_the_general_layout(tmp_path):
+    model, tokenizer, spec = pruned_tiny("bfloat16", "2:4")
+    exporters.get("bitmask").export(model, tokenizer, tmp_path / "b", spec("bitmask"))
+    loaded = _load(tmp_path / "b")
+    assert (TorchRunner(loaded).logits(IDS) - TorchRunner(model).logits(IDS)).abs().max() <= 1e-4
+    assert exporters.get("bitmask").describe(tmp_path / "b")["audit"]["nm_valid"] is True

@@ -1,0 +1,256 @@
+"""absorbdeploy::bitmask_linear against x @ W^T in fp32 from the same rounded 16-bit inputs: every ISA path this CPU
+has and the pure-torch reference, decode (batch <= 10 with bf16 x and values, else <= 16) and prefill (above), odd
+shapes and sparsities, torch.compile, path forcing, and the fallback to the reference when the build fails."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from absorbdeploy import kernels
+
+PATHS = ["avx512", "avx2", "scalar", "reference"]
+VALUE_DTYPES = [torch.bfloat16, torch.float16]
+X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Each path present here, forced through ABSORBDEPLOY_KERNEL_ISA ("reference": the pure-torch function)."""
+    if request.param != "reference":
+        if request.param not in kernels.available_paths():
+            pytest.skip(f"this CPU has no {request.param} path")
+        monkeypatch.setenv(kernels.ISA_VARIABLE, request.param)
+        assert kernels.active_path() == request.param
+    return request.param
+
+
+def make_weight(out, inn, sparsity, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g)
+    w[torch.rand(out, inn, generator=g) < sparsity] = 0
+    return w.to(dtype)
+
+
+def run(path, x, parts, in_features, bias=None):
+    fn = kernels.bitmask_linear_reference if path == "reference" else kernels.bitmask_linear
+    return fn(x, parts["values"], parts["bitmask"], parts["row_offsets"], in_features, bias)
+
+
+def assert_matches(y, x, w, bias=None):
+    """max |y - ref| <= 1e-5 max |ref| for the fp32 accumulation, plus half an ulp of y's dtype for its rounding."""
+    ref = x.float() @ w.float().T
+    if bias is not None:
+        ref = ref + bias.float()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    if ref.numel() == 0:
+        return
+    finfo = torch.finfo(y.dtype)
+    scale = float(ref.abs().max())
+    bound = 1e-5 * scale * (1 + finfo.eps) + 1e-30
+    if y.dtype != torch.float32:
+        bound = bound + (ref.abs() + 1e-5 * scale) * finfo.eps / 2 + finfo.smallest_normal * finfo.eps
+    excess = (y.float() - ref).abs() - bound
+    error = float((y.float() - ref).abs().max())
+    assert float(excess.max()) <= 0, f"max error {error:.3g} over the bound, max |y| {scale:.3g}"
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+def test_shapes_sparsities_batches_and_dtypes(path, value_dtype):
+    for k, (out, inn) in enumerate([(1, 7), (3, 13), (37, 100), (5, 129), (576, 1536)]):
+        for sparsity in (0.0, 0.5, 0.99):
+            w = make_weight(out, inn, sparsity, value_dtype, seed=k)
+            parts = kernels.pack_bitmask(w)
+            bias = torch.randn(out)
+            for batch in (1, 3, 10, 11, 16, 17, 40):
+                for i, x_dtype in enumerate(X_DTYPES):
+                    x = torch.randn(batch, inn).to(x_dtype)
+                    b = bias.to(x_dtype) if (batch + i) % 2 else None  # with and without bias, bias in x's dtype
+                    assert_matches(run(path, x, parts, inn, b), x, w, b)
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+def test_row_patterns(path, value_dtype):
+    out, inn = 24, 200
+    w = make_weight(out, inn, 0.5, value_dtype)
+    w[3] = 0  # an all-zero row
+    w[10:13] = 0
+    w[-1] = 0  # the last row empty: the bounce for the end of `values` sees nothing to copy
+    w[20] = torch.arange(1, inn + 1).to(value_dtype)  # fully dense
+    two_four = make_weight(16, 96, 0.0, value_dtype, seed=3).view(16, 24, 4)
+    two_four[:, :, 1::2] = 0  # 2:4
+    empty, one_row = torch.zeros(9, 70, dtype=value_dtype), make_weight(1, 333, 0.3, value_dtype)
+    for weight in (w, two_four.view(16, 96), empty, one_row):
+        parts = kernels.pack_bitmask(weight)
+        for batch in (1, 2, 16, 17, 40):
+            x = torch.randn(batch, weight.shape[1])
+            assert_matches(run(path, x, parts, weight.shape[1]), x, weight)
+
+
+def test_three_dimensional_input(path):
+    w = make_weight(33, 70, 0.6, torch.bfloat16)
+    parts = kernels.pack_bitmask(w)
+    bias = torch.randn(33)
+    for shape in ((2, 5, 70), (2, 20, 70)):  # 10 rows decode, 40 rows prefill
+        x = torch.randn(*shape)
+        y = run(path, x, parts, 70, bias)
+        assert y.shape == (*shape[:-1], 33)
+        assert_matches(y.reshape(-1, 33), x.reshape(-1, 70), w, bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 70), inn=st.integers(1, 300), sparsity=st.floats(0, 1), batch=st.integers(1, 40),
+       value_dtype=st.sampled_from(VALUE_DTYPES), x_dtype=st.sampled_from(X_DTYPES), with_bias=st.booleans(),
+       seed=st.integers(0, 2**16), choice=st.integers(0, 3))
+def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_dtype, with_bias, seed, choice):
+    paths = kernels.available_paths() + ["reference"]
+    path = paths[choice % len(paths)]
+    w = make_weight(out, inn, sparsity, value_dtype, seed)
+    x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    bias = torch.randn(out).to(x_dtype) if with_bias else None
+    parts = kernels.pack_bitmask(w)
+    previous = os.environ.get(kernels.ISA_VARIABLE)
+    os.environ[kernels.ISA_VARIABLE] = "auto" if path == "reference" else path
+    try:
+        assert_matches(run(path, x, parts, inn, bias), x, w, bias)
+    finally:
+        if previous is None:
+            del os.environ[kernels.ISA_VARIABLE]
+        else:
+            os.environ[kernels.ISA_VARIABLE] = previous
+
+
+def test_no_read_past_the_end_of_values():
+    """values placed right before an unreadable page: any over-read by a full-width load would crash the process."""
+    code = """
+        import ctypes, mmap, os
+        import torch
+        from absorbdeploy import kernels
+
+        def guarded(values):
+            page, nbytes = mmap.PAGESIZE, values.numel() * values.element_size()
+            size = (nbytes + page - 1) // page * page + page
+            buffer = mmap.mmap(-1, size)
+            start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + size - page), page, 0) == 0  # PROT_NONE
+            out = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=size - page - nbytes)
+            out.copy_(values.view(torch.uint8))
+            return out.view(values.dtype), buffer
+
+        for path in kernels.available_paths():
+            os.environ["ABSORBDEPLOY_KERNEL_ISA"] = path
+            for out_features, in_features, dtype in ((7, 200, torch.bfloat16), (3, 64, torch.float16),
+                                                     (40, 33, torch.bfloat16)):
+                w = torch.randn(out_features, in_features).to(dtype)
+                w[: out_features // 2, ::3] = 0  # the first rows sparse, the last ones dense
+                parts = kernels.pack_bitmask(w)
+                values, keep = guarded(parts["values"])
+                for batch in (1, 5, 17):
+                    x = torch.randn(batch, in_features)
+                    y = kernels.bitmask_linear(x, values, parts["bitmask"], parts["row_offsets"], in_features)
+                    ref = x @ w.float().T
+                    assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (path, batch)
+        print("ok")
+    """
+    done = run_python(code)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+class SparseLinear(torch.nn.Module):
+    def __init__(self, weight, bias):
+        super().__init__()
+        for name, tensor in kernels.pack_bitmask(weight).items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("bias", bias)
+        self.in_features = weight.shape[1]
+
+    def forward(self, x):
+        y = kernels.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.in_features, self.bias)
+        return torch.relu(y) * 2
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    kernels.ensure_loaded()
+    module = SparseLinear(make_weight(48, 80, 0.7, torch.bfloat16), torch.randn(48))
+    compiled = torch.compile(module, fullgraph=True)
+    for batch in (1, 3, 20):
+        x = torch.randn(batch, 80)
+        torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=0)
+
+
+def test_unknown_path_name_raises(monkeypatch):
+    kernels.ensure_loaded()
+    monkeypatch.setenv(kernels.ISA_VARIABLE, "sse9")
+    parts = kernels.pack_bitmask(make_weight(4, 8, 0.5, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="ABSORBDEPLOY_KERNEL_ISA=sse9 is not one of avx512, avx2, scalar, auto"):
+        kernels.bitmask_linear(torch.randn(1, 8), parts["values"], parts["bitmask"], parts["row_offsets"], 8)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_forcing_a_path_the_cpu_lacks_raises_a_clear_error():
+    """ATEN_CPU_CAPABILITY (torch's own cap) hides the wider paths, so this runs on any x86-64 machine."""
+    if "avx2" not in kernels.available_paths():
+        pytest.skip("no x86 SIMD path on this machine")
+    code = """
+        import torch
+        from absorbdeploy import kernels
+        parts = kernels.pack_bitmask(torch.eye(8, dtype=torch.bfloat16))
+        print(kernels.available_paths())
+        try:
+            kernels.bitmask_linear(torch.randn(1, 8), parts["values"], parts["bitmask"], parts["row_offsets"], 8)
+        except RuntimeError as e:
+            print(str(e).splitlines()[0])
+    """
+    done = run_python(code, ATEN_CPU_CAPABILITY="default", ABSORBDEPLOY_KERNEL_ISA="avx2")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "['scalar']"
+    assert "ABSORBDEPLOY_KERNEL_ISA=avx2 asks for the avx2 path" in lines[1]
+    assert "paths available here: scalar" in lines[1]
+
+
+@pytest.mark.parametrize("compiler", ["false", "fails-to-compile"])
+def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, compiler):
+    cxx = "/bin/false"
+    if compiler == "fails-to-compile":  # answers --version, then every compile fails
+        cxx = str(tmp_path / "cxx")
+        (tmp_path / "cxx").write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "broken 1.0"; exit 0; }\n'
+                                      'echo "error: no" >&2\nexit 1\n')
+        (tmp_path / "cxx").chmod(0o755)
+    cache = tmp_path / "cache"
+    code = f"""
+        import sys, warnings
+        import torch
+        from absorbdeploy import kernels
+        assert "torch.utils.cpp_extension" not in sys.modules  # importing compiles nothing
+        w = torch.randn(30, 50).bfloat16()
+        w[w.abs() < 0.8] = 0
+        parts = kernels.pack_bitmask(w)
+        x = torch.randn(3, 50)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            args = (x, parts["values"], parts["bitmask"], parts["row_offsets"], 50)
+            ys = [kernels.bitmask_linear(*args)]  # the first call loads (and warns); the op itself afterwards
+            ys += [torch.ops.absorbdeploy.bitmask_linear(*args, None) for _ in range(2)]
+        ref = x @ w.float().T
+        close = max(float((y - ref).abs().max()) for y in ys) <= 1e-5 * float(ref.abs().max())
+        print(len(caught), kernels.active_path(), close)
+        print(caught[0].message)
+    """
+    done = run_python(code, CXX=cxx, ABSORBDEPLOY_KERNEL_CACHE=str(cache), ABSORBDEPLOY_KERNEL_ISA="auto")
+    assert done.returncode == 0, done.stderr
+    count, active, close = done.stdout.splitlines()[0].split()
+    message = done.stdout.splitlines()[1]
+    assert (count, active, close) == ("1", "reference", "True")
+    assert "pure-torch reference" in message
+    assert ("does not run" in message) if compiler == "false" else ("build.log" in message)
+    assert done.stderr == ""
