@@ -70,3 +70,68 @@ def decode(parts: dict, layout: str):
 
 def encode(w, layout: str) -> dict:
     return compress_24(w) if layout == "sparse-24-bitmask" else compress_bitmask(w)
+
+
+# --------------------------------------------------------------------------- shards (tensor parallelism, fused layers)
+
+_POPCOUNT = None
+
+
+def _popcount(bytes_):
+    """Set bits per uint8, as int64 (a 256-entry table)."""
+    import torch
+
+    global _POPCOUNT
+    if _POPCOUNT is None:
+        _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+    return _POPCOUNT[bytes_.long()]
+
+
+def slice_rows(parts: dict, start: int, stop: int) -> dict:
+    """Output rows [start, stop) of a sparse-bitmask matrix (a column-parallel shard): its bitmask rows and the values
+    between their row offsets; nothing is decoded."""
+    import torch
+
+    offsets, values = parts["row_offsets"], parts["compressed"]
+    first = int(offsets[start]) if start < offsets.numel() else values.numel()
+    last = int(offsets[stop]) if stop < offsets.numel() else values.numel()
+    columns = int(parts["shape"].reshape(-1)[1])
+    return {"shape": torch.tensor([stop - start, columns], dtype=torch.int64), "compressed": values[first:last],
+            "bitmask": parts["bitmask"][start:stop], "row_offsets": offsets[start:stop] - first}
+
+
+def slice_columns(parts: dict, start: int, stop: int) -> dict:
+    """Input columns [start, stop) of every row (a row-parallel shard); `start` and `stop` must fall on bytes of the
+    bitmask (multiples of 8, or `stop` the last column). Every row's values are cut at the shard boundary by counting
+    the set bits before and inside the range; nothing is decoded."""
+    import torch
+
+    columns = int(parts["shape"].reshape(-1)[1])
+    if start % 8 or (stop % 8 and stop != columns):
+        raise ValueError(f"a row-parallel shard must start and end on a byte of the bitmask, got columns [{start}, {stop})")
+    bitmask = parts["bitmask"]
+    before = _popcount(bitmask[:, : start // 8]).sum(1)
+    inside = _popcount(bitmask[:, start // 8 : (stop + 7) // 8]).sum(1)
+    offsets = torch.cumsum(inside, 0) - inside
+    gather = torch.repeat_interleave(parts["row_offsets"] + before - offsets, inside) + torch.arange(int(inside.sum()))
+    return {"shape": torch.tensor([bitmask.shape[0], stop - start], dtype=torch.int64),
+            "compressed": parts["compressed"][gather], "bitmask": bitmask[:, start // 8 : (stop + 7) // 8].contiguous(),
+            "row_offsets": offsets}
+
+
+def concat_rows(shards: list[dict]) -> dict:
+    """Stack matrices with the same input size along their output rows (q|k|v, gate|up): values concatenated, each
+    shard's row offsets shifted by the non-zeros before it."""
+    import torch
+
+    columns = {int(s["shape"].reshape(-1)[1]) for s in shards}
+    if len(columns) != 1:
+        raise ValueError(f"fused shards must share their input size, got {sorted(columns)}")
+    shifts, total = [], 0
+    for s in shards:
+        shifts.append(s["row_offsets"] + total)
+        total += s["compressed"].numel()
+    rows = sum(s["bitmask"].shape[0] for s in shards)
+    return {"shape": torch.tensor([rows, columns.pop()], dtype=torch.int64),
+            "compressed": torch.cat([s["compressed"] for s in shards]),
+            "bitmask": torch.cat([s["bitmask"] for s in shards]), "row_offsets": torch.cat(shifts)}

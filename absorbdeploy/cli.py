@@ -100,10 +100,12 @@ def _finish(report: dict, console) -> None:
     print_summary(report, console)
     out = report["output"]
     typer.echo(f"output: {out}  (report: {out}/report.md)")
-    if "vllm" in report["artefacts"]:
-        from absorbdeploy.serve import command
+    from absorbdeploy import exporters
+    from absorbdeploy.serve import command
 
-        typer.echo(f"serve:  {command(f'{out}/vllm')}")
+    for fmt in dict.fromkeys(a["path"] for a in report["artefacts"].values()):  # every export vLLM serves
+        if any(engine == "vllm" for engine, _ in exporters.get(fmt).RUNTIMES.values()):
+            typer.echo(f"serve:  {command(f'{out}/{fmt}')}")
     if report["exit_code"]:
         first = report["failed_gates"][0]
         gate = next(g for g in report["gates"] if not g["passed"])

@@ -25,23 +25,38 @@ def model_type_for(base: str) -> str:
     return MODEL_TYPE_PREFIX + base
 
 
+def _model_classes() -> dict:
+    """{base: (config class, model class)}: `absorbdeploy_<base>` as subclasses of the base architecture's, defined as
+    attributes of this module so that pickling them (vLLM sends its config to its engine processes) finds them."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from absorbdeploy.source import BLOCK_PATHS
+
+    classes = {}
+    for base in BLOCK_PATHS:
+        base_config = CONFIG_MAPPING[base]
+        base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+        config = type(f"Absorbdeploy{base_config.__name__}", (base_config,),
+                      {"model_type": model_type_for(base), "__module__": __name__})
+        model = type(f"Absorbdeploy{base_model.__name__}", (base_model,), {"config_class": config, "__module__": __name__})
+        globals()[config.__name__], globals()[model.__name__] = config, model
+        classes[base] = (config, model)
+    return classes
+
+
+MODEL_CLASSES = _model_classes()
+
+
 def register() -> None:
     """Teach transformers our model types, quantization config and quantizer (idempotent)."""
     global _registered
     if _registered:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.quantizers.auto import register_quantization_config, register_quantizer
 
-    from absorbdeploy.source import BLOCK_PATHS
-
-    for base in BLOCK_PATHS:
-        base_config = CONFIG_MAPPING[base]
-        config = type(f"Absorbdeploy{base_config.__name__}", (base_config,), {"model_type": model_type_for(base)})
-        base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
-        model = type(f"Absorbdeploy{base_model.__name__}", (base_model,), {"config_class": config})
+    for base, (config, model) in MODEL_CLASSES.items():
         AutoConfig.register(model_type_for(base), config, exist_ok=True)
         AutoModelForCausalLM.register(config, model, exist_ok=True)
     register_quantization_config(SERVED_SPARSE_METHOD)(_config_class())

@@ -128,19 +128,20 @@ def _absorption_summary(absorption: dict | None) -> dict | None:
 
 
 def validation_sections(checks: dict, artefacts: dict, dtype: str) -> dict:
-    """Everything validation decides: per-artefact results, runtimes, gates and the verdict (also used by `validate DIR`)."""
+    """Everything validation decides: per-artefact results (an artefact scored in a second runtime is its own entry,
+    "<format> (<runtime>)"), runtimes, gates and the verdict (also used by `validate DIR`)."""
     arts = {}
-    for fmt, art in artefacts.items():
-        result = dict(checks["artefacts"][fmt])
+    for name, fmt in checks.get("entries", {f: f for f in artefacts}).items():
+        art, result = artefacts[fmt], dict(checks["artefacts"][name])
         audit = result.pop("audit", None)
-        arts[fmt] = {"path": fmt, "bytes": art.bytes, "files": art.files, "export_seconds": round(art.seconds, 3),
-                     "notes": art.notes, **result}
-        arts[fmt].setdefault("dense_bytes", checks.get("dense_bytes", {}).get(fmt))
-        if arts[fmt].get("dense_bytes"):
-            arts[fmt]["bytes_ratio"] = art.bytes / arts[fmt]["dense_bytes"]
+        arts[name] = {"path": fmt, "bytes": art.bytes, "files": art.files, "export_seconds": round(art.seconds, 3),
+                      "notes": art.notes, **result}
+        arts[name].setdefault("dense_bytes", checks.get("dense_bytes", {}).get(fmt))
+        if arts[name].get("dense_bytes"):
+            arts[name]["bytes_ratio"] = art.bytes / arts[name]["dense_bytes"]
         if audit:
-            arts[fmt]["realised_sparsity"] = audit["sparsity"]
-            arts[fmt]["nm_valid"] = audit.get("nm_valid")
+            arts[name]["realised_sparsity"] = audit["sparsity"]
+            arts[name]["nm_valid"] = audit.get("nm_valid")
     failed = [g for g in checks["gates"] if not g["passed"]]
     return {
         "status": "failed" if failed else "passed",

@@ -8,6 +8,9 @@ ratio of the sparse variant to the *best* dense one, resident weight bytes (all 
 peak RSS of a process that loads one variant and generates (measured in its own process), and whether the sparse
 greedy tokens equal the pruned model's run densely (same weights, decoded).
 
+With vLLM installed, the vLLM rows follow (bench/decode_vllm.py): dense vs the bitmask export through the
+absorbdeploy plugin, batch 1 and 8, engine start time and resident memory.
+
 Models: `smollm2` (the embedded SmolLM2-135M-Instruct, saved as a bf16 checkpoint first) and `tinyllama`, a random
 Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000).
 
@@ -23,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import decode_vllm
 from common import table, write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,21 +60,22 @@ def prepare(name: str, folder: Path) -> Path:
     return target
 
 
-def prune(dense: Path, sparsity: float, folder: Path, quick: bool) -> Path:
+def prune(dense: Path, sparsity: float, folder: Path, quick: bool, formats: str) -> Path:
+    """The CLI's run directory (bitmask/ and, for the vLLM rows, vllm/)."""
     out = folder / f"{dense.name.removesuffix('-dense')}-{int(sparsity * 100)}"
-    if (out / "bitmask" / "config.json").is_file():
-        return out / "bitmask"
+    if all((out / f / "config.json").is_file() for f in formats.split(",")):
+        return out
     calibration = ["calibration.nsamples=8", "calibration.seqlen=256"] if quick or "tinyllama" in dense.name else []
     sets = ["prune.method=wanda", f"prune.sparsity={sparsity}", "allocation.method=uniform", "absorption.enabled=false",
             "validate.latency.enabled=false", "validate.eval_windows=2", "validate.seqlen=256", *calibration]
-    args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", "bitmask", "--out", str(out),
+    args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", formats, "--out", str(out),
             "--overwrite", "--quiet", *[a for s in sets for a in ("--set", s)]]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"pruning {dense.name} at {sparsity} failed: {proc.stderr.strip()}")
     print(f"  pruned {dense.name} to {sparsity:.0%} in {time.perf_counter() - start:.0f} s", flush=True)
-    return out / "bitmask"
+    return out
 
 
 def load_variant(variant: str, dense: Path, sparse: Path):
@@ -148,22 +153,32 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--work", default="/tmp/absorbdeploy-decode-bench")
     parser.add_argument("--quick", action="store_true", help="small calibration for every model")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
     args = parser.parse_args()
     import torch
 
+    from absorbdeploy.exporters import installed
     from absorbdeploy.kernels import active_path
 
     folder = Path(args.work)
     folder.mkdir(parents=True, exist_ok=True)
-    rows, cases = [], []
+    with_vllm = not args.no_vllm and "vllm" in installed()
+    rows, vllm_rows, cases = [], [], []
     for name in args.models.split(","):
         dense = prepare(name, folder)
         for sparsity in map(float, args.sparsities.split(",")):
-            sparse = prune(dense, sparsity, folder, args.quick)
+            run = prune(dense, sparsity, folder, args.quick, "bitmask,vllm" if with_vllm else "bitmask")
+            sparse = run / "bitmask"
             timed = time_variants(dense, sparse, args.new_tokens, args.warmup, args.iters)
             rss = {v: peak_rss(v, dense, sparse, args.new_tokens) for v in VARIANTS}
             best = max(("dense float32", "dense bfloat16"), key=lambda v: timed[v]["decode_tok_s"]["median"])
-            cases.append({"model": name, "sparsity": sparsity, "best_dense": best, "variants": timed, "peak_rss_gib": rss})
+            case = {"model": name, "sparsity": sparsity, "best_dense": best, "variants": timed, "peak_rss_gib": rss}
+            if with_vllm:
+                engines = dict(zip(decode_vllm.ENGINES, (dense, run / "vllm", sparse)))
+                case["vllm"] = decode_vllm.measure(engines, args.new_tokens, args.warmup, args.iters)
+                vllm_rows += decode_vllm.rows(name, sparsity, case["vllm"])
+                print(table(vllm_rows[-6:], list(vllm_rows[-1])), flush=True)
+            cases.append(case)
             for v in VARIANTS:
                 t = timed[v]["decode_tok_s"]
                 rows.append({"model": name, "sparsity": f"{sparsity:.0%}", "variant": v,
@@ -175,6 +190,8 @@ def main() -> None:
                              "peak RSS": f"{rss[v]:.2f} GiB", "greedy = pruned": str(timed[v].get("greedy_equals_pruned_dense", "-"))})
             print(table(rows[-len(VARIANTS):], list(rows[-1])), flush=True)
     print("\n" + table(rows, list(rows[0])))
+    if vllm_rows:
+        print("\n" + table(vllm_rows, list(vllm_rows[0])))
     path = write("decode", {"threads": torch.get_num_threads(), "kernel_path": active_path(), "new_tokens": args.new_tokens,
                             "prompt_len": 16, "warmup": args.warmup, "iters": args.iters,
                             "load_average_at_end": list(os.getloadavg()), "cases": cases})

@@ -5,7 +5,9 @@
     describe(out_dir) -> dict                                        files, bytes, a sparsity audit read back from disk
     tensors(out_dir) -> Iterator[dict[str, Tensor]]                  the stored weights, dense, a shard at a time
 
-    RUNTIME: str            the runtime `load` runs in (the report's name for it)
+    RUNTIMES: dict          the runtimes `load` can run it in -> (the engine, the modules it needs); the first is
+                            its own. Validation scores and times it in every one that is installed; formats that
+                            SERVES_CHECKPOINT share one dense baseline per engine
     IN_PROCESS: bool        `load` holds the whole model in this process (streaming mode compares `tensors` instead)
     SERVES_CHECKPOINT: bool a plain HF checkpoint directory loads in that runtime (a dense baseline for timing)
     TIMED: bool             time dense and pruned side by side in that runtime
@@ -64,8 +66,9 @@ class ExportSpec:
 class RuntimeOptions:
     """How validation runs every runtime (each uses what applies to it)."""
 
-    dtype: str = "float32"  # compute dtype where the runtime lets us choose (vLLM)
+    dtype: str = "float32"  # compute dtype where the runtime lets us choose (vLLM, transformers)
     max_model_len: int = 1024  # longest sequence it must hold
+    name: str | None = None  # which of the format's RUNTIMES (None: its own, the first)
 
 
 def spec_for(fmt: str, export, prunable, nm, sidecar=None, streamed=None, checkpoint=None) -> ExportSpec:

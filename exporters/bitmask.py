@@ -19,7 +19,7 @@ from absorbdeploy.checkpoint import MODEL_TYPE_PREFIX, SERVED_SPARSE_METHOD
 from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, write_sidecar
 
 FORMAT = "bitmask"
-RUNTIME = "torch + bitmask kernel"
+RUNTIMES = {"torch + bitmask kernel": ("torch", ()), "vllm + bitmask plugin": ("vllm", ("vllm",))}
 STREAM_BY_TENSORS = True  # streaming: the model may not fit in this process; its tensors are compared instead
 SERVES_CHECKPOINT = True  # transformers loads a plain checkpoint too: the dense baseline in the same runtime
 TIMED = True
@@ -49,14 +49,19 @@ def describe(out_dir) -> dict:
 
 
 def load(out_dir, runtime: RuntimeOptions):
-    """transformers' from_pretrained after absorbdeploy's registration: BitmaskLinear modules on our kernel (a plain
-    checkpoint loads as itself, dense)."""
+    """transformers' from_pretrained after absorbdeploy's registration: BitmaskLinear modules on our kernel; or, for
+    the vLLM runtime, vllm.LLM with the absorbdeploy plugin (exporters/vllm.py's runner). A plain checkpoint loads in
+    either as itself, dense: the baseline."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from absorbdeploy.hf_bitmask import register
     from absorbdeploy.runners import TorchRunner
 
+    if runtime.name == "vllm + bitmask plugin":
+        from absorbdeploy.exporters.vllm import VllmRunner
+
+        return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len, name=runtime.name)
     register()
     model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=getattr(torch, runtime.dtype), use_safetensors=True)
-    return TorchRunner(model.eval(), name=RUNTIME)
+    return TorchRunner(model.eval(), name="torch + bitmask kernel")

@@ -21,7 +21,7 @@ from absorbdeploy.errors import UserError
 from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, write_sidecar
 
 FORMAT = "compressed-safetensors"
-RUNTIME = "torch (decoded)"
+RUNTIMES = {"torch (decoded)": ("torch", ())}
 STREAM_BY_TENSORS = True  # decoding holds the whole model: in streaming mode its tensors are compared with vllm/
 SERVES_CHECKPOINT = False
 TIMED = False  # it decodes to exactly the in-memory model, which is timed in torch already
@@ -72,4 +72,4 @@ def load(out_dir, runtime: RuntimeOptions):
     from absorbdeploy.runners import TorchRunner
     from absorbdeploy.source import resolve_source
 
-    return TorchRunner(load_model(resolve_source(str(out_dir)), torch.device("cpu")).model, name=RUNTIME)
+    return TorchRunner(load_model(resolve_source(str(out_dir)), torch.device("cpu")).model, name="torch (decoded)")

@@ -19,7 +19,7 @@ from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_fi
 from absorbdeploy.runners import Runner, Timing
 
 FORMAT = "onnx"
-RUNTIME = "onnxruntime"
+RUNTIMES = {"onnxruntime": ("onnxruntime", ("onnxruntime",))}
 STREAM_BY_TENSORS = False  # exporting traced the whole model anyway; onnxruntime runs it
 SERVES_CHECKPOINT = False
 TIMED = True

@@ -23,7 +23,7 @@ from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_fi
 from absorbdeploy.runners import Runner, Scores, Timing
 
 FORMAT = "vllm"
-RUNTIME = "vllm"
+RUNTIMES = {"vllm": ("vllm", ("vllm",))}
 STREAM_BY_TENSORS = False
 SERVES_CHECKPOINT = True
 TIMED = True
@@ -60,7 +60,8 @@ class VllmRunner(Runner):
     runtime = "vllm"
     exposes_logits = False
 
-    def __init__(self, out_dir, dtype: str, max_model_len: int):
+    def __init__(self, out_dir, dtype: str, max_model_len: int, name: str = "vllm"):
+        self.runtime = name
         self.log = tempfile.NamedTemporaryFile(prefix="absorbdeploy-vllm-", suffix=".log", delete=False)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -103,8 +104,16 @@ class VllmRunner(Runner):
         return Scores(torch.tensor(answer["target_logprobs"], dtype=torch.float32), torch.tensor(answer["top1"]))
 
     def generate(self, prompt, new_tokens: int) -> Timing:
-        answer = self._ask({"op": "generate", "prompt": prompt[0].tolist(), "new_tokens": new_tokens})
-        return Timing(answer["prefill_s"], answer["decode_s"], new_tokens)
+        """Greedy generation for every row of `prompt` [B, T] as one batch; the tokens returned are row 0's."""
+        answer = self._ask({"op": "generate", "prompts": prompt.tolist(), "new_tokens": new_tokens})
+        return Timing(answer["prefill_s"], answer["decode_s"], new_tokens, answer["tokens"])
+
+    def resident_bytes(self) -> int:
+        """RSS of the engine: the worker process and its children (vLLM's engine core runs in one)."""
+        import psutil
+
+        worker = psutil.Process(self.proc.pid)
+        return sum(p.memory_info().rss for p in [worker, *worker.children(recursive=True)])
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -153,16 +162,17 @@ def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
                     tops.append([next(t for t, lp in step.items() if lp.rank == 1) for step in steps])
                 protocol.write(json.dumps({"target_logprobs": targets, "top1": tops}) + "\n")
             elif request["op"] == "generate":
-                prompt = {"prompt_token_ids": request["prompt"]}
+                prompts = [{"prompt_token_ids": p} for p in request["prompts"]]
                 first = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
                 full = SamplingParams(max_tokens=request["new_tokens"], temperature=0.0, ignore_eos=True, detokenize=False)
                 t0 = time.perf_counter()
-                llm.generate([prompt], first, use_tqdm=False)
+                llm.generate(prompts, first, use_tqdm=False)
                 t1 = time.perf_counter()
-                llm.generate([prompt], full, use_tqdm=False)
+                outputs = llm.generate(prompts, full, use_tqdm=False)
                 t2 = time.perf_counter()
                 prefill = t1 - t0
-                protocol.write(json.dumps({"prefill_s": prefill, "decode_s": max(t2 - t1 - prefill, 0.0)}) + "\n")
+                protocol.write(json.dumps({"prefill_s": prefill, "decode_s": max(t2 - t1 - prefill, 0.0),
+                                           "tokens": list(outputs[0].outputs[0].token_ids)}) + "\n")
         except Exception as e:  # the parent turns this into an error with the worker's message
             protocol.write(json.dumps({"error": f"{e.__class__.__name__}: {e}"}) + "\n")
 

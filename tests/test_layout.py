@@ -16,15 +16,15 @@ LAYERS = [
     {"errors", "version"},
     {"masks", "sparsegpt", "esd", "bitmask", "prune", "allocate", "absorb"},  # pure math over tensors
     {"source", "checkpoint", "blocks", "data", "runners", "latency", "tiny", "atomic", "progress", "kernels",
-     "sparse_linear"},
+     "sparse_linear", "compare"},
     {"calibrate", "prune_blocks", "probe", "load", "stream", "exporters", "validate", "zeroshot", "plots", "render",
-     "hf_bitmask"},
+     "hf_bitmask", "vllm_bitmask", "vllm_plugin"},
     {"recipe_rules", "recipe"},  # the configuration validates against the tables below it
     {"report", "pipeline", "serve"},
     {"cli", "__main__", "__init__"},  # the package's __init__ registers the bitmask format with transformers
 ]
 VERBS = ("export", "load", "describe", "tensors")
-DECLARATIONS = {"FORMAT": str, "RUNTIME": str, "STREAM_BY_TENSORS": bool, "SERVES_CHECKPOINT": bool, "TIMED": bool}
+DECLARATIONS = {"FORMAT": str, "RUNTIMES": dict, "STREAM_BY_TENSORS": bool, "SERVES_CHECKPOINT": bool, "TIMED": bool}
 
 
 def test_required_top_level_exists():

@@ -47,15 +47,24 @@ def _wait_healthy(url: str, server: subprocess.Popen, seconds: int = 240) -> Non
     raise AssertionError("the server did not become healthy")
 
 
-def test_the_printed_serve_command_serves_the_export(tiny_trained_dir, tmp_path):
+@pytest.fixture(scope="module")
+def exported(tiny_trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "run"
+    proc = run_cli("prune-and-export", tiny_trained_dir, "--recipe", "smoke-tiny", "--formats", "vllm,bitmask", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "bitmask"])
+def test_the_printed_serve_command_serves_the_export(exported, fmt, tmp_path):
+    """vllm/ is the dense checkpoint; bitmask/ runs through the absorbdeploy plugin on the sparse kernel. Both must
+    answer with transformers' greedy text for the pruned model (the vllm/ checkpoint)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "run"
-    proc = run_cli("prune-and-export", tiny_trained_dir, "--recipe", "smoke-tiny", "--formats", "vllm", "--out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("serve:"))
+    out, stdout = exported
+    line = next(l for l in stdout.splitlines() if l.startswith("serve:") and l.endswith(f"/{fmt}"))
     command = shlex.split(line.removeprefix("serve:"))
-    assert command[-1] == f"{out}/vllm"
+    assert command[-1] == f"{out}/{fmt}"
     command[0] = str(Path(sys.executable).parent / command[0])  # the console script of this environment
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
@@ -81,3 +90,34 @@ def test_the_printed_serve_command_serves_the_export(tiny_trained_dir, tmp_path)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     greedy = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
     assert answer["choices"][0]["text"] == tokenizer.decode(greedy, skip_special_tokens=True)
+
+
+TP_CODE = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              tensor_parallel_size=int(sys.argv[2]))
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1)
+    out = llm.generate([{"prompt_token_ids": list(range(60, 90))}], params, use_tqdm=False)[0].outputs[0]
+    print("RESULT " + json.dumps({"tokens": list(out.token_ids),
+                                  "logprobs": [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]}))
+"""
+
+
+def test_tensor_parallel_shards_of_the_packed_layers_give_the_same_tokens(exported, tmp_path):
+    """--tensor-parallel-size 2 on this CPU: column-parallel layers take a range of packed rows, row-parallel ones cut
+    every row's bitmask and values at the shard boundary (bitmask.slice_*); greedy tokens and log-probs equal TP 1's."""
+    out, _ = exported
+    script = tmp_path / "tp.py"
+    script.write_text(TP_CODE)
+    results = {}
+    for tp in (1, 2):
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else "auto"}
+        proc = subprocess.run([sys.executable, str(script), str(out / "bitmask"), str(tp)], capture_output=True, text=True,
+                              timeout=600, env=env)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        assert line is not None, proc.stderr[-3000:]
+        results[tp] = json.loads(line.removeprefix("RESULT "))
+    assert results[2]["tokens"] == results[1]["tokens"]
+    assert max(abs(a - b) for a, b in zip(results[1]["logprobs"], results[2]["logprobs"])) < 1e-3

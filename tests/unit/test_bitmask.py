@@ -56,3 +56,32 @@ def test_a_bitmask_that_disagrees_with_its_values_is_refused():
     parts["compressed"] = parts["compressed"][:1]
     with pytest.raises(UserError, match="2 bits set, 1 values"):
         decompress_bitmask(parts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), columns=st.integers(1, 9).map(lambda c: 8 * c), density=st.floats(0, 1),
+       seed=st.integers(0, 10**6), data=st.data())
+def test_shards_equal_the_dense_slices(rows, columns, density, seed, data):
+    from absorbdeploy.bitmask import concat_rows, slice_columns, slice_rows
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, columns, generator=g) * (torch.rand(rows, columns, generator=g) < density)).to(torch.bfloat16)
+    parts = compress_bitmask(w)
+    r0 = data.draw(st.integers(0, rows))
+    r1 = data.draw(st.integers(r0, rows))
+    assert torch.equal(decompress_bitmask(slice_rows(parts, r0, r1)), w[r0:r1])
+    c0 = 8 * data.draw(st.integers(0, columns // 8))
+    c1 = 8 * data.draw(st.integers(c0 // 8, columns // 8))
+    shard = slice_columns(parts, c0, c1)
+    assert torch.equal(decompress_bitmask(shard), w[:, c0:c1])
+    counts = (w[:, c0:c1] != 0).sum(1)
+    assert shard["row_offsets"].tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    fused = concat_rows([slice_rows(parts, 0, r0), slice_rows(parts, r0, rows)])
+    assert torch.equal(decompress_bitmask(fused), w) and torch.equal(fused["row_offsets"], parts["row_offsets"])
+
+
+def test_a_row_parallel_cut_must_fall_on_a_bitmask_byte():
+    from absorbdeploy.bitmask import slice_columns
+
+    with pytest.raises(ValueError, match="byte of the bitmask"):
+        slice_columns(compress_bitmask(torch.ones(2, 16)), 4, 16)

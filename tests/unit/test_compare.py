@@ -1,11 +1,11 @@
-"""Validation's verdicts, which decide the exit code: comparisons against the reference, non-finite scores, gates."""
+"""compare.py: the comparisons with the reference and the gate verdicts that decide the exit code."""
 
 import math
 
 import pytest
 import torch
 
-from absorbdeploy import validate
+from absorbdeploy import compare as validate
 from absorbdeploy.recipe import Gates
 from absorbdeploy.runners import Runner, perplexity, target_logprobs
 
@@ -82,3 +82,8 @@ def test_a_reload_error_is_a_failed_gate_with_its_cause():
     verdicts = validate.gate_verdicts(Gates(), {"vllm": {"runtime": "vllm", "error": "RuntimeError: engine died"}})
     assert verdicts == [{"gate": "reload", "artefact": "vllm", "value": None, "limit": None, "passed": False,
                          "detail": "RuntimeError: engine died"}]
+
+
+def test_ratio_and_display_handle_missing_numbers():
+    assert validate.ratio(2.0, 4.0) == 0.5 and validate.ratio(None, 4.0) is None and validate.ratio(2.0, 0.0) is None
+    assert validate.show(None).startswith("n/a") and validate.show(1.23456) == "1.235"

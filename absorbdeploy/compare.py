@@ -1,0 +1,113 @@
+"""Comparing an artefact's scores with the reference, and the gate verdicts that decide the exit code (pure over
+tensors and dicts; validate.py drives the runtimes).
+
+The reference is the pruned model's scores in fp32 torch: next-token log-probs and top-1 over all evaluation windows,
+full logits over the first `compare_windows`. A runner is compared on the same windows: perplexity, top-1 agreement,
+max |delta log-prob of the next token| and, where the runtime exposes logits, max |delta logit| over the vocabulary.
+Scores with NaN/inf are never compared (no perplexity, no "agreement 1.0" from NaN): they fail `finite_scores`.
+"""
+
+import time
+from dataclasses import dataclass
+
+from absorbdeploy.runners import Runner, perplexity
+
+
+@dataclass
+class Reference:
+    target_lp: object  # [N, T-1]
+    top1: object  # [N, T-1]
+    logits: object  # [C, T, V] for the first C windows
+    ppl: float | None  # None when any score is non-finite
+    nonfinite: int = 0  # non-finite log-probs and logits
+
+
+def nonfinite(*tensors) -> int:
+    """How many entries of the given tensors (None skipped) are NaN or infinite."""
+    import torch
+
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t is not None)
+
+
+def finite_perplexity(target_lp) -> float | None:
+    """pydoc-v1 perplexity, or None when a log-prob is NaN/inf (a number computed from NaN is not a perplexity)."""
+    return None if nonfinite(target_lp) else perplexity(target_lp)
+
+
+def reference(runner: Runner, windows, compare_windows: int) -> Reference:
+    """Scores of every window plus full logits of the first `compare_windows` (computed as one batch, so that a runtime
+    given the same batch can match bit for bit)."""
+    scores = runner.score(windows)
+    first = min(compare_windows, windows.shape[0])
+    logits = runner.logits(windows[:first]).float() if first else None
+    bad = nonfinite(scores.target_logprobs, logits)
+    return Reference(scores.target_logprobs, scores.top1, logits, None if bad else perplexity(scores.target_logprobs), bad)
+
+
+def compare(runner: Runner, ref: Reference, windows) -> dict:
+    """Scores of `runner` on `windows` against the reference."""
+    start = time.perf_counter()
+    scores = runner.score(windows)
+    mine = runner.logits(windows[: ref.logits.shape[0]]).float() if runner.exposes_logits and ref.logits is not None else None
+    result = {
+        "nonfinite": nonfinite(scores.target_logprobs, mine),
+        "ppl": None, "top1_agreement": None, "max_abs_logprob_diff": None, "max_abs_logit_diff": None,
+        "logit_metric": "next-token log-prob (the runtime exposes log-probs, not logits)",
+    }
+    if mine is not None:
+        result["logit_metric"] = f"logits over the full vocabulary, first {ref.logits.shape[0]} windows"
+    if not result["nonfinite"] and not ref.nonfinite:  # comparisons with NaN would say nothing (or "agreement 1.0")
+        result["ppl"] = perplexity(scores.target_logprobs)
+        result["top1_agreement"] = float((scores.top1 == ref.top1).float().mean())
+        result["max_abs_logprob_diff"] = float((scores.target_logprobs - ref.target_lp).abs().max())
+        if mine is not None:
+            result["max_abs_logit_diff"] = float((mine - ref.logits).abs().max())
+    result["score_seconds"] = time.perf_counter() - start
+    return result
+
+
+def checked_diff(result: dict) -> float:
+    """The number the max_abs_logit_diff gate reads: logits where the runtime has them, else next-token log-probs."""
+    value = result.get("max_abs_logit_diff")
+    return result.get("max_abs_logprob_diff") if value is None else value
+
+
+def gate_verdicts(gates, artefacts: dict) -> list[dict]:
+    """One verdict per (gate, artefact); `gates` is the recipe's validate.gates section, `artefacts` maps a name to its
+    comparison dict (with ppl_ratio)."""
+    verdicts = []
+    for name, result in artefacts.items():
+        if "error" in result:
+            verdicts.append({"gate": "reload", "artefact": name, "value": None, "limit": None, "passed": False,
+                             "detail": result["error"]})
+            continue
+        for what, count in (("", result.get("nonfinite", 0)), (" (dense baseline)", result.get("dense_nonfinite", 0))):
+            if count:
+                verdicts.append({"gate": "finite_scores", "artefact": name + what, "value": count, "limit": 0,
+                                 "passed": False, "detail": f"{count} NaN/inf log-probs or logits in {result['runtime']}"})
+        checks = [
+            ("max_ppl_ratio", result.get("ppl_ratio"), gates.max_ppl_ratio, lambda v, lim: v <= lim),
+            ("max_abs_logit_diff", checked_diff(result), gates.max_abs_logit_diff, lambda v, lim: v <= lim),
+            ("min_top1_agreement", result.get("top1_agreement"), gates.min_top1_agreement, lambda v, lim: v >= lim),
+        ]
+        for gate, value, limit, ok in checks:
+            if limit is None or value is None:
+                continue
+            verdicts.append({"gate": gate, "artefact": name, "value": value, "limit": limit, "passed": bool(ok(value, limit))})
+    return verdicts
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def show(value, spec: str = ".3f") -> str:
+    return "n/a (non-finite scores)" if value is None else format(value, spec)
+
+
+def torch_verdicts(reference_nonfinite: int, dense_nonfinite: int) -> list[dict]:
+    """The in-memory models themselves must score finitely, or no comparison against them means anything."""
+    return [{"gate": "finite_scores", "artefact": what, "value": count, "limit": 0, "passed": False,
+             "detail": f"{count} NaN/inf log-probs or logits from the {what}"}
+            for what, count in (("in-memory pruned model (torch)", reference_nonfinite),
+                                ("in-memory dense model (torch)", dense_nonfinite)) if count]

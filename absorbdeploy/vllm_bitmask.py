@@ -1,0 +1,129 @@
+"""The served-sparse `bitmask` format inside vLLM: a quantization method whose Linear layers hold only the packed
+tensors and run absorbdeploy's CPU kernel (registered by vllm_plugin.py, in every vLLM process).
+
+vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj and calls a parameter's `weight_loader` once per
+checkpoint shard (shard id "q"/"k"/"v" or 0/1). The packed tensors have a data-dependent size, so each layer starts
+with empty placeholders whose loader keeps every shard's tensors; `process_weights_after_loading` cuts them for tensor
+parallelism (column-parallel: a range of output rows; row-parallel: a range of input columns, cutting every row's
+bitmask and values at the boundary; bitmask.slice_rows / slice_columns), stacks the shards of a fused layer
+(bitmask.concat_rows) and installs the result. Layers the checkpoint does not pack stay vLLM's own dense Linears.
+"""
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear, LinearBase, LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear,
+    RowParallelLinear, UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from absorbdeploy.bitmask import PARTS, concat_rows, slice_columns, slice_rows
+from absorbdeploy.checkpoint import SERVED_SPARSE_METHOD
+
+PLACEHOLDER_DTYPES = {"compressed": torch.bfloat16, "bitmask": torch.uint8, "row_offsets": torch.int64, "shape": torch.int64}
+
+
+class BitmaskLinearMethod(LinearMethodBase):
+    """Packed weights for one (possibly fused) Linear; `apply` is torch.ops.absorbdeploy.bitmask_linear."""
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise ValueError(f"{SERVED_SPARSE_METHOD}: absorbdeploy's bitmask kernel runs on CPU only; serve the "
+                             "dense vllm/ export of the same run on this device")
+        layer.bitmask_in_features = input_size_per_partition
+        layer.bitmask_out_features = sum(output_partition_sizes)
+        layer.bitmask_pending = {}
+
+        def loader(param, loaded, shard_id=None):
+            layer.bitmask_pending.setdefault(shard_id, {})[param.bitmask_part] = loaded.clone()
+
+        for part, dtype in PLACEHOLDER_DTYPES.items():
+            param = Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            param.bitmask_part = part
+            param.weight_loader = loader
+            layer.register_parameter(part, param)
+
+    def process_weights_after_loading(self, layer) -> None:
+        from absorbdeploy.kernels import ensure_loaded
+
+        ensure_loaded()  # define the op (and its fake) before any torch.compile trace
+        packed = concat_rows([_shard(layer, shard_id) for shard_id in _shard_order(layer)])
+        if packed["bitmask"].shape[0] != layer.bitmask_out_features:
+            raise ValueError(f"{SERVED_SPARSE_METHOD}: {layer.prefix if hasattr(layer, 'prefix') else 'a layer'} has "
+                             f"{packed['bitmask'].shape[0]} packed rows, vLLM expects {layer.bitmask_out_features}")
+        for part in PARTS:
+            setattr(layer, part, Parameter(packed[part].contiguous(), requires_grad=False))
+        del layer.bitmask_pending
+
+    def apply(self, layer, x, bias=None):
+        return torch.ops.absorbdeploy.bitmask_linear(x, layer.compressed, layer.bitmask, layer.row_offsets,
+                                                     layer.bitmask_in_features, bias)
+
+
+def _shard_order(layer) -> list:
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(len(layer.output_sizes)))
+    return [None]
+
+
+def _shard(layer, shard_id) -> dict:
+    """One checkpoint matrix's packed tensors, cut to this rank's part."""
+    parts = layer.bitmask_pending.pop(shard_id)
+    rows, columns = (int(v) for v in parts["shape"].reshape(-1))
+    size, rank = layer.tp_size, layer.tp_rank
+    if size == 1:
+        return parts
+    if isinstance(layer, RowParallelLinear):  # every rank holds all rows, a range of the input
+        return slice_columns(parts, rank * columns // size, (rank + 1) * columns // size)
+    if isinstance(layer, ColumnParallelLinear):  # every rank holds a range of the output rows
+        step = rows // size
+        if isinstance(layer, QKVParallelLinear) and shard_id in ("k", "v"):  # KV heads may be replicated
+            step = rows // layer.total_num_kv_heads * layer.num_kv_heads
+            rank = rank // layer.num_kv_head_replicas
+        return slice_rows(parts, rank * step, (rank + 1) * step)
+    return parts
+
+
+class BitmaskConfig(QuantizationConfig):
+    """quantization_config of a `bitmask/` export: `targets` names the packed Linears (checkpoint module names)."""
+
+    def __init__(self, targets=None, values_dtype: str = "bfloat16"):
+        super().__init__()
+        self.targets, self.values_dtype = set(targets or []), values_dtype
+
+    def get_name(self) -> str:
+        return SERVED_SPARSE_METHOD
+
+    def get_supported_act_dtypes(self) -> list:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the quantization_config in config.json says it all
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BitmaskConfig":
+        return cls(config.get("targets"), config.get("values_dtype", "bfloat16"))
+
+    def get_quant_method(self, layer, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        return BitmaskLinearMethod() if self._packed(prefix) else UnquantizedLinearMethod()
+
+    def _packed(self, prefix: str) -> bool:
+        """vLLM's (possibly fused) module name -> whether the checkpoint packs it; a fused layer is all or nothing."""
+        head, _, last = prefix.rpartition(".")
+        names = [f"{head}.{part}" if head else part for part in self.packed_modules_mapping.get(last, [last])]
+        found = [name in self.targets for name in names]
+        if any(found) and not all(found):
+            raise ValueError(f"{SERVED_SPARSE_METHOD}: {prefix} fuses {names}, of which only some are packed")
+        return all(found)
