@@ -76,10 +76,15 @@ def _margin(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
     return [s - g for s, g in zip(small, _gains(drift_by_eps[eps]))]
 
 
+def _paper(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
+    bound = math.log(3.0)
+    return [-min(max(g, -bound), bound) for g in _gains(drift_by_eps[eps])]
+
+
 def _gains(drift) -> list[float]:
-    """ln(r_{l,L-1} / r_{l,l}) for every injection block l of one eps."""
-    last = max(drift[0])
-    return [gain_log(drift[l], l, last) for l in range(len(drift))]
+    """ln(r_{l,last} / r_{l,l}) for every injection block l of one eps; `last` is the deepest block the probe followed
+    that injection to (the last block, or l + absorption.horizon)."""
+    return [gain_log(drift[l], l, max(drift[l])) for l in range(len(drift))]
 
 
 @dataclass(frozen=True)
@@ -90,12 +95,20 @@ class Definition:
     composed: bool  # needs the composed gains along the pruned model's own trajectory
     coefficients: Callable  # (drift_by_eps, composed_logs, eps, eps_small) -> [alpha_l]
     summary: str
+    perturbation: str = "pruning"  # what the probe injects: the real pruning error, or Gaussian noise of its norm
+    scaled: bool = True  # min-max normalise alpha before the correction (ours) or use it raw (paper)
+    mode: str | None = None  # a correction mode of its own, whatever the base allocator's
 
 
 DEFINITIONS = {
     "gain": Definition(lambda eps, small: [eps], False, _gain, "A: -ln(r_{l,L} / r_{l,l}) at eps"),
     "composed": Definition(lambda eps, small: [], True, _composed, "B: -sum_{k>l} ln g_k on the pruned trajectory"),
     "margin": Definition(lambda eps, small: [small, eps], False, _margin, "C: ln G_l(eps_small) - ln G_l(eps)"),
+    # arXiv 2606.15161 as a secondary summary describes it (its method section is not public): Gaussian perturbations,
+    # u_l = clip(ln(R_L / R_l), +-ln 3), Delta_l = -(u_l - mean u) added to the base ratios, rescaled to the budget.
+    "paper": Definition(lambda eps, small: [eps], False, _paper, "-clip(ln(r_{l,L}/r_{l,l}), +-ln 3) under Gaussian "
+                        "noise, added raw (reconstructed from a summary)", perturbation="gaussian", scaled=False,
+                        mode="additive"),
 }
 
 
@@ -118,12 +131,15 @@ def _multiplicative(base, a, params, target, strength) -> list[float]:
 CORRECTIONS = {"additive": _additive, "multiplicative": _multiplicative}
 
 
-def correct(base, coeffs, params, target: float, strength: float, mode: str, low: float, high: float) -> list[float]:
+def correct(base, coeffs, params, target: float, strength: float, mode: str, low: float, high: float,
+            scaled: bool = True) -> list[float]:
     """a = minmax(alpha); additive s + 2 lam (a - mean a) or multiplicative s (1 - lam + 2 lam a) rescaled to the
-    budget; then the exact-budget projection onto [low, high]. strength 0 returns `base` unchanged."""
+    budget; then the exact-budget projection onto [low, high]. Unscaled, a = alpha / 2, so additive adds
+    lam (alpha - mean alpha). strength 0 returns `base` unchanged."""
     if strength == 0:
         return list(base)
-    return project(CORRECTIONS[mode](base, _minmax(coeffs), params, target, strength), params, target, low, high)
+    a = _minmax(coeffs) if scaled else [c / 2 for c in coeffs]
+    return project(CORRECTIONS[mode](base, a, params, target, strength), params, target, low, high)
 
 
 def summarise(result: dict, definition: str, eps: float, eps_small: float) -> dict:

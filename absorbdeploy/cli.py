@@ -141,7 +141,7 @@ def analyze(
     from absorbdeploy.render import print_absorption
 
     print_absorption(result, progress.console)
-    typer.echo(f"output: {result['output']}  (absorption.json, absorption.png, absorption_allocation.png)")
+    typer.echo(f"output: {result['output']}  (absorption.json, absorption.png, absorption_eps.png, absorption_allocation.png)")
 
 
 @app.command("validate")

@@ -19,6 +19,8 @@ def write_absorption(folder: Path, absorption: dict) -> None:
     (Path(folder) / "absorption.json").write_text(json.dumps(absorption, indent=1))
     if absorption.get("curves"):
         drift_figure(absorption, Path(folder) / "absorption.png")
+    if len(absorption.get("curves") or {}) >= 3:
+        eps_sweep_figure(absorption, Path(folder) / "absorption_eps.png")
     allocation_bars(absorption["base"], absorption["final"], None, Path(folder) / "absorption_allocation.png",
                     f"absorption correction ({absorption['definition']}, strength {absorption['strength']})")
 
@@ -38,9 +40,9 @@ def drift_figure(absorption: dict, path: Path) -> None:
             ax.plot(ks, [row[k] / row[l] for k in ks], color=cmap(l / max(n - 1, 1)), lw=1)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
-        ax.set_title(f"eps = {eps}: drift relative to injection")
+        ax.set_title(f"eps = {eps}: one line per injection block l")
         ax.set_xlabel("block k")
-        ax.set_ylabel("r(l, k) / r(l, l)")
+        ax.set_ylabel("relative drift r(l,k) / r(l,l);  r = |h~ - h| / |h|")
     rel = curves[eps_keys[-1]]["rel"]
     grid = [[math.log10(v) if v else float("nan") for v in row] for row in rel]
     image = axes[-1].imshow(grid, origin="lower", aspect="auto", cmap="magma")
@@ -48,6 +50,34 @@ def drift_figure(absorption: dict, path: Path) -> None:
     axes[-1].set_xlabel("block k (measured)")
     axes[-1].set_ylabel("block l (injected)")
     fig.colorbar(image, ax=axes[-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eps_sweep_figure(absorption: dict, path: Path) -> None:
+    """End-to-end drift gain G_l(eps) = drift at the last block / drift at injection, against eps, one line per
+    injection block: above 1 the rest of the network amplifies the error, below 1 it absorbs it. Left: relative drift
+    (|h~ - h| / |h| per token); right: absolute drift (|h~ - h|), which leaves out the growth of |h| with depth."""
+    plt = _pyplot()
+    curves = absorption["curves"]
+    eps_keys = sorted(curves, key=float)
+    n = len(curves[eps_keys[0]]["rel"])
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, metric, label in ((axes[0], "rel", "relative drift gain r(l,L-1) / r(l,l)"),
+                              (axes[1], "abs", "absolute drift gain |h~-h|(l,L-1) / |h~-h|(l,l)")):
+        for l in range(n - 1):
+            gains = [curves[e][metric][l][n - 1] / curves[e][metric][l][l] for e in eps_keys]
+            ax.plot([float(e) for e in eps_keys], gains, marker="o", ms=3, lw=1, color=cmap(l / max(n - 2, 1)),
+                    label=f"l = {l}" if l in (0, (n - 1) // 2, n - 2) else None)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("eps (scale of the injected pruning error)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("amplification (> 1) or absorption (< 1) of block l's pruning error by blocks l+1 .. L-1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -72,8 +72,10 @@ def probe(runner, profile, sparsities, spec: PruneSpec, ab, eps_values, composed
                     return runner.run(pruned_block, hidden)
         return fn
 
+    horizon = ab.horizon or n  # how many blocks past its injection a trajectory is followed
     if eps_values:
         for k in range(n):
+            live = [(l, eps, h) for l, eps, h in live if k - l <= horizon]
             with runner.block(k) as block:
                 if live:
                     advanced = runner.run(block, torch.cat([h for _, _, h in live]))
@@ -104,24 +106,29 @@ def correct_allocation(runner, profile, base, params, target: float, spec: Prune
                        high: float, seed: int, progress=None) -> tuple[list[float], dict]:
     """Measure the coefficients of `ab.definition` at the base allocation and correct it (`mode`: additive or
     multiplicative); optional fixed-point iterations re-measure at the corrected allocation."""
+    import dataclasses
+
     definition = absorb.DEFINITIONS[ab.definition]
     eps_values = definition.eps(ab.eps, ab.eps_small)
+    mode = definition.mode or mode
+    measured = dataclasses.replace(ab, perturbation=definition.perturbation)
     current, history, cost = list(base), [], {"block_forwards": 0, "seconds": 0.0}
     for iteration in range(ab.iterations):
-        result = probe(runner, profile, current, spec, ab, eps_values, definition.composed, seed,
+        result = probe(runner, profile, current, spec, measured, eps_values, definition.composed, seed,
                        progress.blocks(f"absorption probe {iteration + 1}/{ab.iterations}") if progress else None)
         cost["block_forwards"] += result["block_forwards"]
         cost["seconds"] += result["seconds"]
         summary = absorb.summarise(result, ab.definition, ab.eps, ab.eps_small)
-        new = absorb.correct(base, summary["coefficients"], params, target, ab.strength, mode, low, high)
+        new = absorb.correct(base, summary["coefficients"], params, target, ab.strength, mode, low, high, definition.scaled)
         change = max(abs(x - y) for x, y in zip(new, current))
         history.append({"coefficients": summary["coefficients"], "sparsity": new, "max_change": change})
         current = new
         if change < 0.005:
             break
     return current, {
-        "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": ab.perturbation,
-        "eps": eps_values, "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens},
+        "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": definition.perturbation,
+        "eps": eps_values, "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens,
+                                     "horizon": ab.horizon},
         "coefficients": history[-1]["coefficients"], "iterations": history, **summary,
         "cost": {**cost, "dense_forward_equivalents": cost["block_forwards"] / len(params), "probe_tokens": result["tokens"]},
         "base": list(base), "final": current,
@@ -134,14 +141,18 @@ def profile_all(runner, profile, base, params, target: float, spec: PruneSpec, a
     the matched-norm Gaussian control at eps, and the correction the options' definition and strength would make."""
     import dataclasses
 
-    eps_values = sorted({ab.eps_small, 0.1, ab.eps})
+    eps_values = sorted({ab.eps_small, 0.1, 0.3, ab.eps})  # the eps sweep: where amplification turns into absorption
     result = probe(runner, profile, base, spec, ab, eps_values, True, seed, progress.blocks("probe") if progress else None)
     control = probe(runner, profile, base, spec, dataclasses.replace(ab, perturbation="gaussian"), [ab.eps], False, seed,
                     progress.blocks("gaussian control") if progress else None)
-    by_definition = {d: absorb.summarise(result, d, ab.eps, ab.eps_small)["coefficients"] for d in absorb.DEFINITIONS}
-    summary = absorb.summarise(result, ab.definition, ab.eps, ab.eps_small)
+    measured = {"pruning": result, "gaussian": control}
+    by_definition = {d: absorb.summarise(measured[definition.perturbation], d, ab.eps, ab.eps_small)["coefficients"]
+                     for d, definition in absorb.DEFINITIONS.items()}
+    chosen = absorb.DEFINITIONS[ab.definition]
+    summary = absorb.summarise(result, "gain", ab.eps, ab.eps_small)  # the real-error curves at every eps, for the plots
     control_summary = absorb.summarise(control, "gain", ab.eps, ab.eps_small)
-    final = absorb.correct(base, by_definition[ab.definition], params, target, ab.strength, mode, low, high)
+    final = absorb.correct(base, by_definition[ab.definition], params, target, ab.strength, chosen.mode or mode, low, high,
+                           chosen.scaled)
     forwards = result["block_forwards"] + control["block_forwards"]
     return {
         "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": "pruning", "eps": eps_values,

@@ -142,6 +142,8 @@ def check(r) -> None:
         raise UserError("absorption.eps and absorption.eps_small must be > 0")
     _at_least("absorption.iterations", ab.iterations, 1)
     _at_least("absorption.skip_tokens", ab.skip_tokens, 0)
+    if ab.horizon is not None:
+        _at_least("absorption.horizon", ab.horizon, 1)
     if ab.enabled:
         check_probe(r)
     for fmt in e.formats or ():

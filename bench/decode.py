@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import decode_vllm
-from common import table, write
+from common import RESULTS, table, write
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("dense float32", "dense bfloat16", "sparse float32", "sparse bfloat16")
@@ -60,22 +60,38 @@ def prepare(name: str, folder: Path) -> Path:
     return target
 
 
-def prune(dense: Path, sparsity: float, folder: Path, quick: bool, formats: str) -> Path:
-    """The CLI's run directory (bitmask/ and, for the vLLM rows, vllm/)."""
+def prune(dense: Path, sparsity: float, folder: Path, quick: bool) -> Path:
+    """The CLI's run directory: bitmask/ from the CLI, and vllm/, the same pruned weights stored densely (decoded from
+    bitmask/, so that the CLI's validation need not hold two vLLM engines beside a 1.1B model in memory)."""
     out = folder / f"{dense.name.removesuffix('-dense')}-{int(sparsity * 100)}"
-    if all((out / f / "config.json").is_file() for f in formats.split(",")):
-        return out
+    if not (out / "bitmask" / "config.json").is_file():
+        run_cli(dense, sparsity, out, quick)
+    if not (out / "vllm" / "config.json").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from absorbdeploy import exporters
+
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
+        pruned = {k: v for shard in exporters.get("bitmask").tensors(out / "bitmask") for k, v in shard.items()}
+        missing, unexpected = model.load_state_dict(pruned, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        model.save_pretrained(out / "vllm")
+        AutoTokenizer.from_pretrained(dense).save_pretrained(out / "vllm")
+    return out
+
+
+def run_cli(dense: Path, sparsity: float, out: Path, quick: bool) -> None:
     calibration = ["calibration.nsamples=8", "calibration.seqlen=256"] if quick or "tinyllama" in dense.name else []
     sets = ["prune.method=wanda", f"prune.sparsity={sparsity}", "allocation.method=uniform", "absorption.enabled=false",
             "validate.latency.enabled=false", "validate.eval_windows=2", "validate.seqlen=256", *calibration]
-    args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", formats, "--out", str(out),
+    args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", "bitmask", "--out", str(out),
             "--overwrite", "--quiet", *[a for s in sets for a in ("--set", s)]]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"pruning {dense.name} at {sparsity} failed: {proc.stderr.strip()}")
     print(f"  pruned {dense.name} to {sparsity:.0%} in {time.perf_counter() - start:.0f} s", flush=True)
-    return out
 
 
 def load_variant(variant: str, dense: Path, sparse: Path):
@@ -126,7 +142,8 @@ def time_variants(dense: Path, sparse: Path, new_tokens: int, warmup: int, iters
         reference = load_variant(v, dense, sparse)
         densify(reference)
         want = TorchRunner(reference, 1).generate(prompt, new_tokens).tokens
-        result[v]["greedy_equals_pruned_dense"] = runners[v].generate(prompt, new_tokens).tokens == want
+        got = runners[v].generate(prompt, new_tokens).tokens
+        result[v]["greedy_tokens_equal"] = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
     return result
 
 
@@ -163,39 +180,59 @@ def main() -> None:
     folder = Path(args.work)
     folder.mkdir(parents=True, exist_ok=True)
     with_vllm = not args.no_vllm and "vllm" in installed()
-    rows, vllm_rows, cases = [], [], []
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; three engines run side by side
+    settings = {"threads": torch.get_num_threads(), "kernel_path": active_path(), "new_tokens": args.new_tokens,
+                "prompt_len": 16, "warmup": args.warmup, "iters": args.iters, "vllm": with_vllm}
+    previous = RESULTS / "decode.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    cases = old.get("cases", []) if all(old.get(k) == v for k, v in settings.items()) else []
     for name in args.models.split(","):
         dense = prepare(name, folder)
         for sparsity in map(float, args.sparsities.split(",")):
-            run = prune(dense, sparsity, folder, args.quick, "bitmask,vllm" if with_vllm else "bitmask")
+            done = next((c for c in cases if c["model"] == name and c["sparsity"] == sparsity), None)
+            if done is not None:  # measured in an earlier run with the same settings (bench/results/decode.json)
+                if with_vllm and "greedy_fp32" not in done.get("vllm", {"greedy_fp32": 1}):
+                    run = prune(dense, sparsity, folder, args.quick)
+                    done["vllm"]["greedy_fp32"] = decode_vllm.greedy_fp32(run / "vllm", run / "bitmask", args.new_tokens)
+                    write("decode", {**settings, "cases": cases})
+                continue
+            run = prune(dense, sparsity, folder, args.quick)
             sparse = run / "bitmask"
             timed = time_variants(dense, sparse, args.new_tokens, args.warmup, args.iters)
             rss = {v: peak_rss(v, dense, sparse, args.new_tokens) for v in VARIANTS}
             best = max(("dense float32", "dense bfloat16"), key=lambda v: timed[v]["decode_tok_s"]["median"])
             case = {"model": name, "sparsity": sparsity, "best_dense": best, "variants": timed, "peak_rss_gib": rss}
+            print(table(torch_rows(case, args.new_tokens), list(torch_rows(case, args.new_tokens)[0])), flush=True)
             if with_vllm:
                 engines = dict(zip(decode_vllm.ENGINES, (dense, run / "vllm", sparse)))
                 case["vllm"] = decode_vllm.measure(engines, args.new_tokens, args.warmup, args.iters)
-                vllm_rows += decode_vllm.rows(name, sparsity, case["vllm"])
-                print(table(vllm_rows[-6:], list(vllm_rows[-1])), flush=True)
+                case["vllm"]["greedy_fp32"] = decode_vllm.greedy_fp32(run / "vllm", sparse, args.new_tokens)
+                print(table(decode_vllm.rows(name, sparsity, case["vllm"]), list(decode_vllm.rows(name, sparsity, case["vllm"])[0])), flush=True)
             cases.append(case)
-            for v in VARIANTS:
-                t = timed[v]["decode_tok_s"]
-                rows.append({"model": name, "sparsity": f"{sparsity:.0%}", "variant": v,
-                             "tok/s median [p10, p90]": f"{t['median']:.1f} [{t['p10']:.1f}, {t['p90']:.1f}]",
-                             "vs best dense": f"{t['median'] / timed[best]['decode_tok_s']['median']:.2f}x",
-                             "Linear weights": f"{timed[v]['linear_weight_bytes'] / 2**20:.0f} MiB "
-                                               f"({timed[v]['linear_weight_bytes'] / timed['dense bfloat16']['linear_weight_bytes']:.2f}x bf16)",
-                             "all weights": f"{timed[v]['resident_weight_bytes'] / 2**20:.0f} MiB",
-                             "peak RSS": f"{rss[v]:.2f} GiB", "greedy = pruned": str(timed[v].get("greedy_equals_pruned_dense", "-"))})
-            print(table(rows[-len(VARIANTS):], list(rows[-1])), flush=True)
+            write("decode", {**settings, "load_average": list(os.getloadavg()), "cases": cases})
+    rows = [row for case in cases for row in torch_rows(case, args.new_tokens)]
     print("\n" + table(rows, list(rows[0])))
+    vllm_rows = [row for c in cases if "vllm" in c for row in decode_vllm.rows(c["model"], c["sparsity"], c["vllm"])]
     if vllm_rows:
         print("\n" + table(vllm_rows, list(vllm_rows[0])))
-    path = write("decode", {"threads": torch.get_num_threads(), "kernel_path": active_path(), "new_tokens": args.new_tokens,
-                            "prompt_len": 16, "warmup": args.warmup, "iters": args.iters,
-                            "load_average_at_end": list(os.getloadavg()), "cases": cases})
-    print(f"written to {path}")
+    print(f"written to {RESULTS / 'decode.json'}")
+
+
+def torch_rows(case: dict, new_tokens: int) -> list[dict]:
+    timed, rows = case["variants"], []
+    best = timed[case["best_dense"]]["decode_tok_s"]["median"]
+    for v in VARIANTS:
+        t = timed[v]["decode_tok_s"]
+        rows.append({"model": case["model"], "sparsity": f"{case['sparsity']:.0%}", "variant": v,
+                     "tok/s median [p10, p90]": f"{t['median']:.1f} [{t['p10']:.1f}, {t['p90']:.1f}]",
+                     "vs best dense": f"{t['median'] / best:.2f}x",
+                     "Linear weights": f"{timed[v]['linear_weight_bytes'] / 2**20:.0f} MiB "
+                                       f"({timed[v]['linear_weight_bytes'] / timed['dense bfloat16']['linear_weight_bytes']:.2f}x bf16)",
+                     "all weights": f"{timed[v]['resident_weight_bytes'] / 2**20:.0f} MiB",
+                     "peak RSS": f"{case['peak_rss_gib'][v]:.2f} GiB",
+                     "greedy = pruned": f"{timed[v]['greedy_tokens_equal']}/{new_tokens}" if "greedy_tokens_equal" in timed[v]
+                     else "-"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -49,16 +49,35 @@ def measure(paths: dict, new_tokens: int, warmup: int, iters: int, batches=(1, 8
     return result
 
 
+def greedy_fp32(stored, packed, new_tokens: int) -> dict:
+    """The greedy tokens of vllm/ and bitmask/ in float32 engines (the same weights, both accumulated in fp32): the
+    bf16 comparison above also measures bf16 rounding in different places, this one the kernel."""
+    from absorbdeploy.exporters.vllm import VllmRunner
+
+    prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for name, path in (("stored", stored), ("packed", packed)):  # one engine at a time: float32 engines are large
+        runner = VllmRunner(path, "float32", 512, name=name)
+        try:
+            tokens[name] = runner.generate(prompt, new_tokens).tokens
+        finally:
+            runner.close()
+    same = next((i for i, (a, b) in enumerate(zip(tokens["stored"], tokens["packed"])) if a != b), new_tokens)
+    return {"greedy_tokens_equal": same, "greedy_tokens": new_tokens}
+
+
 def rows(model: str, sparsity: float, result: dict) -> list[dict]:
     out = []
     dense = result["dense"]["batches"]
     for name in ENGINES:
         for batch, speed in result[name]["batches"].items():
             same = result[name].get("greedy_tokens_equal")
+            fp32 = result.get("greedy_fp32") if name == ENGINES[2] else None
             out.append({"model": model, "sparsity": f"{sparsity:.0%}", "vLLM engine": name, "batch": batch,
                         "tok/s median [p10, p90]": f"{speed['median']:.1f} [{speed['p10']:.1f}, {speed['p90']:.1f}]",
                         "vs dense": f"{speed['median'] / dense[batch]['median']:.2f}x",
                         "engine start": f"{result[name]['engine_start_s']:.0f} s",
                         "engine RSS": f"{result[name]['resident_bytes_after'] / 2**30:.2f} GiB",
-                        "greedy = vllm/": "-" if same is None else f"{same}/{result[name]['greedy_tokens']}"})
+                        "greedy = vllm/ (bf16; fp32)": "-" if same is None else f"{same}/{result[name]['greedy_tokens']}"
+                        + (f"; {fp32['greedy_tokens_equal']}/{fp32['greedy_tokens']}" if fp32 else "")})
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from absorbdeploy import exporters
+from absorbdeploy import exporters, validate
 from tests.conftest import run_cli
 
 
@@ -47,7 +47,8 @@ def test_smoke_report_compares_every_artefact(smoke):
     out, _ = smoke
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "passed" and report["exit_code"] == 0
-    assert set(report["artefacts"]) == set(exporters.FORMATS)
+    expected = validate.entries(dict.fromkeys(exporters.FORMATS))
+    assert set(report["artefacts"]) == set(expected) and "bitmask (vllm + bitmask plugin)" in expected
     for fmt, art in report["artefacts"].items():
         assert art["top1_agreement"] == 1.0, fmt
         assert art["ppl"] == pytest.approx(report["reference"]["ppl"], rel=1e-4), fmt
@@ -60,7 +61,7 @@ def test_smoke_report_compares_every_artefact(smoke):
 def test_smoke_times_dense_and_pruned_side_by_side_in_every_runtime(smoke):
     out, _ = smoke
     runtimes = json.loads((out / "report.json").read_text())["runtimes"]
-    assert set(runtimes) == {"torch", "vllm", "onnxruntime", "torch + bitmask kernel"}
+    assert set(runtimes) == {"torch", "vllm", "onnxruntime", "torch + bitmask kernel", "vllm + bitmask plugin"}
     for runtime, entry in runtimes.items():
         phases = ["prefill_tok_s"] + (["decode_tok_s"] if runtime != "onnxruntime" else [])
         for phase in phases:

@@ -85,3 +85,16 @@ def test_gaussian_control_runs_with_matched_norms(setup):
     for l in range(len(params)):  # same per-token norm at injection, so the same absolute drift there
         assert noise[l]["abs"][l] == pytest.approx(real[l]["abs"][l], rel=1e-4)
         assert noise[l]["rel"] != real[l]["rel"] or l == len(params) - 1
+
+
+def test_a_horizon_follows_each_error_fewer_blocks_with_the_same_numbers(setup):
+    runner, profile, base, params, r = setup
+    full = run_probe(runner, profile, base, r, [1.0], False)
+    short_settings = dataclasses.replace(r, absorption=dataclasses.replace(r.absorption, horizon=1))
+    short = run_probe(runner, profile, base, short_settings, [1.0], False)
+    n = len(params)
+    for l in range(n):
+        assert sorted(short["curves"][1.0][l]["rel"]) == list(range(l, min(l + 1, n - 1) + 1))
+        for k, value in short["curves"][1.0][l]["rel"].items():
+            assert value == pytest.approx(full["curves"][1.0][l]["rel"][k], rel=1e-6)
+    assert short["block_forwards"] == n + (n - 1) < full["block_forwards"]  # one delta per block + one step each

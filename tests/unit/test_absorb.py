@@ -129,3 +129,31 @@ def test_every_definition_declares_what_it_measures():
     assert absorb.DEFINITIONS["margin"].eps(1.0, 0.01) == [0.01, 1.0]
     assert absorb.DEFINITIONS["composed"].composed and not absorb.DEFINITIONS["gain"].composed
     assert set(absorb.CORRECTIONS) == {"additive", "multiplicative"}
+
+
+def test_paper_definition_clips_at_ln3_and_is_added_raw():
+    gains = [3.0, 2.0, 0.5, 0.5, 0.5, 0.5]  # strong amplification early: ln G beyond ln 3 is clipped
+    blocks = toy_blocks(gains)
+    states = dense_states(blocks)
+    drift = {1.0: drift_matrix(blocks, states, 1.0)}
+    paper = absorb.coefficients("paper", drift, 1.0, 0.01)
+    gain = absorb.coefficients("gain", drift, 1.0, 0.01)
+    bound = math.log(3)
+    assert paper == pytest.approx([max(-bound, min(bound, g)) for g in gain])
+    assert max(gain) > bound and max(paper) == pytest.approx(bound)  # an absorption beyond 3x is clipped
+    d = absorb.DEFINITIONS["paper"]
+    assert d.perturbation == "gaussian" and not d.scaled and d.mode == "additive"
+    base, params = [0.5] * 4, [1, 1, 1, 1]
+    coeffs = [0.4, -0.4, 0.2, -0.2]
+    out = absorb.correct(base, coeffs, params, 0.5, 0.1, "additive", 0.0, 0.99, scaled=False)
+    assert out == pytest.approx([0.5 + 0.1 * c for c in coeffs])  # lam (alpha - mean alpha), mean 0
+
+
+def test_a_horizon_measures_gain_to_the_last_block_followed():
+    blocks = toy_blocks([2.0, 2.0, 2.0, 0.5, 0.5, 0.5])
+    states = dense_states(blocks)
+    full = drift_matrix(blocks, states, 1.0)
+    cut = [{k: v for k, v in row.items() if k - l <= 2} for l, row in enumerate(full)]
+    a = absorb.coefficients("gain", {1.0: cut}, 1.0, 0.01)
+    assert a == pytest.approx([-math.log(cut[l][max(cut[l])] / cut[l][l]) for l in range(6)])
+    assert a[0] < 0 < a[3]  # block 0's error still meets amplifiers within 2 blocks; block 3's only absorbers

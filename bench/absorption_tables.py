@@ -1,0 +1,88 @@
+"""The tables of bench/absorption.py's study, from bench/results/absorption_study.json."""
+
+import statistics
+
+from common import table
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(values):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        for rank, i in enumerate(order):
+            out[i] = float(rank)
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+
+
+def grid_rows(study: dict) -> list[dict]:
+    rows = []
+    for key, case in sorted(study.get("grid", {}).items()):
+        base = case["runs"]["base"]
+        for name, run in sorted(case["runs"].items()):
+            rows.append({"setting": key, "correction": name, "selection PPL": f"{run['selection_ppl']:.2f}",
+                         "selection change %": "" if name == "base" else f"{100 * (run['selection_ppl'] / base['selection_ppl'] - 1):+.1f}",
+                         "eval PPL": f"{run['eval_ppl']:.2f}", "exact": run["exact"]})
+    return rows
+
+
+def claim_rows(study: dict) -> list[dict]:
+    rows = []
+    for key, draws in sorted(study.get("claims", {}).items()):
+        done = [d for d in draws.values() if "base" in d and "corrected" in d]
+        if not done:
+            continue
+        base = [d["base"]["eval_ppl"] for d in done]
+        best = [d["corrected"]["eval_ppl"] for d in done]
+        cheap = [d["cheap"]["eval_ppl"] for d in done if "cheap" in d]
+        row = {"setting": key, "best correction (selection)": done[0]["best"], "draws": len(done),
+               "base eval PPL": _spread(base), "corrected eval PPL": _spread(best),
+               "ratio": f"{statistics.fmean(best) / statistics.fmean(base):.3f}",
+               "spreads overlap": str(min(base) <= max(best)),
+               "cheap probe eval PPL": _spread(cheap) if cheap else "-"}
+        rows.append(row)
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def cost_rows(study: dict) -> list[dict]:
+    rows = []
+    for key, case in sorted(study.get("grid", {}).items()):
+        full = case["coefficients"]
+        for name, cost in case["probe_cost"].items():
+            rows.append({"setting": key, "probe": f"full, {name} perturbation", "equivalents": f"{cost['equivalents']:.1f}",
+                         "seconds": f"{cost['seconds']:.0f}", "rank correlation with full": "1"})
+        for horizon, truncated in sorted(case.get("truncated", {}).items(), key=lambda kv: int(kv[0])):
+            for name in ("margin", "gain", "paper"):
+                if name in truncated:
+                    rows.append({"setting": key, "probe": f"horizon {horizon}, {name}", "equivalents": "",
+                                 "seconds": "", "rank correlation with full": f"{_spearman(full[name], truncated[name]):.3f}"})
+    for key, draws in sorted(study.get("claims", {}).items()):
+        for draw, d in sorted(draws.items()):
+            for name, cost in d.get("cheap_probe_cost", {}).items():
+                rho = _spearman(d["coefficients"], d["cheap_coefficients"]) if d.get("cheap_coefficients") else float("nan")
+                rows.append({"setting": f"{key} draw {draw}", "probe": f"horizon {d.get('cheap', {}).get('horizon')}, "
+                             f"{name} perturbation (run)", "equivalents": f"{cost['equivalents']:.1f}",
+                             "seconds": f"{cost['seconds']:.0f}", "rank correlation with full": f"{rho:.3f}"})
+    for key, draws in sorted(study.get("claims", {}).items()):  # the noise floor: the full probe against itself
+        full = {draw: d["coefficients"] for draw, d in sorted(draws.items()) if d.get("coefficients")}
+        pairs = [(a, b) for a in full for b in full if a < b]
+        if pairs:
+            rhos = [_spearman(full[a], full[b]) for a, b in pairs]
+            rows.append({"setting": key, "probe": f"full, between calibration draws ({len(pairs)} pairs)",
+                         "equivalents": "", "seconds": "",
+                         "rank correlation with full": f"{statistics.fmean(rhos):.3f} [{min(rhos):.3f}, {max(rhos):.3f}]"})
+    return rows
+
+
+def print_tables(study: dict) -> None:
+    for title, rows in (("grid (draw 0)", grid_rows(study)), ("claims", claim_rows(study)), ("probe cost", cost_rows(study))):
+        if rows:
+            print(f"\n{title}\n" + table(rows, list(rows[0])))
