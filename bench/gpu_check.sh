@@ -43,10 +43,13 @@ fi
 # absorbdeploy from this checkout, without its dependencies (no registry needed), into a folder of its own; the source
 # tree itself does not import as installed (exporters/ and recipes/ are mapped into the package at install time), so
 # nothing may put the checkout first on sys.path: PYTHONSAFEPATH and pytest's append mode.
-SITE="$OUT_DIR/site"
-rm -rf "$SITE"
-"$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" . >"$OUT_DIR/install.log" 2>&1 \
+# Built from a copy (the files the Dockerfile copies), so setuptools' build/ never lands in the checkout.
+SITE="$OUT_DIR/site" SRC="$OUT_DIR/src"
+rm -rf "$SITE" "$SRC" && mkdir -p "$SRC"
+cp -r pyproject.toml README.md absorbdeploy exporters recipes "$SRC/"
+"$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" "$SRC" >"$OUT_DIR/install.log" 2>&1 \
   || { tail -5 "$OUT_DIR/install.log" >&2; exit 1; }
+rm -rf "$SRC"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
