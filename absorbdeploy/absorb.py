@@ -95,7 +95,8 @@ class Definition:
     composed: bool  # needs the composed gains along the pruned model's own trajectory
     coefficients: Callable  # (drift_by_eps, composed_logs, eps, eps_small) -> [alpha_l]
     summary: str
-    perturbation: str = "pruning"  # what the probe injects: the real pruning error, or Gaussian noise of its norm
+    perturbation: str | None = None  # what the probe injects when fixed by the definition (None: the recipe's
+    # absorption.perturbation, the real pruning error by default)
     scaled: bool = True  # min-max normalise alpha before the correction (ours) or use it raw (paper)
     mode: str | None = None  # a correction mode of its own, whatever the base allocator's
 

@@ -111,7 +111,7 @@ def correct_allocation(runner, profile, base, params, target: float, spec: Prune
     definition = absorb.DEFINITIONS[ab.definition]
     eps_values = definition.eps(ab.eps, ab.eps_small)
     mode = definition.mode or mode
-    measured = dataclasses.replace(ab, perturbation=definition.perturbation)
+    measured = dataclasses.replace(ab, perturbation=definition.perturbation or ab.perturbation)
     current, history, cost = list(base), [], {"block_forwards": 0, "seconds": 0.0}
     for iteration in range(ab.iterations):
         result = probe(runner, profile, current, spec, measured, eps_values, definition.composed, seed,
@@ -126,7 +126,7 @@ def correct_allocation(runner, profile, base, params, target: float, spec: Prune
         if change < 0.005:
             break
     return current, {
-        "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": definition.perturbation,
+        "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": measured.perturbation,
         "eps": eps_values, "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens,
                                      "horizon": ab.horizon},
         "coefficients": history[-1]["coefficients"], "iterations": history, **summary,
@@ -145,7 +145,7 @@ def profile_all(runner, profile, base, params, target: float, spec: PruneSpec, a
     result = probe(runner, profile, base, spec, ab, eps_values, True, seed, progress.blocks("probe") if progress else None)
     control = probe(runner, profile, base, spec, dataclasses.replace(ab, perturbation="gaussian"), [ab.eps], False, seed,
                     progress.blocks("gaussian control") if progress else None)
-    measured = {"pruning": result, "gaussian": control}
+    measured = {None: result, "gaussian": control}  # by Definition.perturbation
     by_definition = {d: absorb.summarise(measured[definition.perturbation], d, ab.eps, ab.eps_small)["coefficients"]
                      for d, definition in absorb.DEFINITIONS.items()}
     chosen = absorb.DEFINITIONS[ab.definition]

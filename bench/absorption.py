@@ -51,20 +51,25 @@ def prepare(h: Harness, r):
     return runner, calib, profile, base, params
 
 
+def perturbation(name: str) -> str:
+    """What the probe injects for a definition in this study (the recipe default, the real pruning error, unless the
+    definition fixes its own)."""
+    return absorb.DEFINITIONS[name].perturbation or "pruning"
+
+
 def probe_coefficients(runner, profile, base, r, definitions, horizon: int | None = None):
     """The definitions' coefficients from one probe per perturbation they need; (coefficients, cost, raw results).
     With a horizon, composed is left out (it follows the whole pruned trajectory by construction)."""
     spec, ab, n = PruneSpec.of(r.prune), r.absorption, len(base)
     chosen = [d for d in definitions if horizon is None or not absorb.DEFINITIONS[d].composed]
     measured = {}
-    for perturbation in sorted({absorb.DEFINITIONS[d].perturbation for d in chosen}):
-        mine = [absorb.DEFINITIONS[d] for d in chosen if absorb.DEFINITIONS[d].perturbation == perturbation]
+    for kind in sorted({perturbation(d) for d in chosen}):
+        mine = [absorb.DEFINITIONS[d] for d in chosen if perturbation(d) == kind]
         eps = sorted({e for d in mine for e in d.eps(ab.eps, ab.eps_small)})
-        settings = dataclasses.replace(ab, perturbation=perturbation, horizon=horizon)
-        measured[perturbation] = probe.probe(runner, profile, base, spec, settings, eps, any(d.composed for d in mine),
-                                             r.calibration.seed)
-    coefficients = {d: absorb.summarise(measured[absorb.DEFINITIONS[d].perturbation], d, ab.eps, ab.eps_small)["coefficients"]
-                    for d in chosen}
+        settings = dataclasses.replace(ab, perturbation=kind, horizon=horizon)
+        measured[kind] = probe.probe(runner, profile, base, spec, settings, eps, any(d.composed for d in mine),
+                                     r.calibration.seed)
+    coefficients = {d: absorb.summarise(measured[perturbation(d)], d, ab.eps, ab.eps_small)["coefficients"] for d in chosen}
     cost = {p: {"block_forwards": m["block_forwards"], "equivalents": m["block_forwards"] / n, "seconds": m["seconds"]}
             for p, m in measured.items()}
     return coefficients, cost, measured
@@ -76,7 +81,7 @@ def truncated_coefficients(measured: dict, horizon: int, ab) -> dict:
     for name, d in absorb.DEFINITIONS.items():
         if d.composed:
             continue
-        result = measured[d.perturbation]
+        result = measured[perturbation(name)]
         curves = {e: [{m: {k: v for k, v in row[m].items() if k - l <= horizon} for m in row} for l, row in enumerate(rows)]
                   for e, rows in result["curves"].items()}
         out[name] = absorb.summarise({**result, "curves": curves}, name, ab.eps, ab.eps_small)["coefficients"]
