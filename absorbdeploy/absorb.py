@@ -63,28 +63,47 @@ def composed_gains(dense_blocks, pruned_blocks, states, skip: int) -> list[float
     return logs
 
 
-def _gain(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
-    return [-g for g in _gains(drift_by_eps[eps])]
+def _gain(drift_by_eps, composed_logs, eps, eps_small) -> list[float | None]:
+    return [None if g is None else -g for g in _gains(drift_by_eps[eps])]
 
 
 def _composed(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
     return [-sum(composed_logs[l + 1 :]) for l in range(len(composed_logs))]
 
 
-def _margin(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
+def _margin(drift_by_eps, composed_logs, eps, eps_small) -> list[float | None]:
     small = _gains(drift_by_eps[eps_small])
-    return [s - g for s, g in zip(small, _gains(drift_by_eps[eps]))]
+    return [None if s is None or g is None else s - g for s, g in zip(small, _gains(drift_by_eps[eps]))]
 
 
-def _paper(drift_by_eps, composed_logs, eps, eps_small) -> list[float]:
+def _paper(drift_by_eps, composed_logs, eps, eps_small) -> list[float | None]:
     bound = math.log(3.0)
-    return [-min(max(g, -bound), bound) for g in _gains(drift_by_eps[eps])]
+    return [None if g is None else -min(max(g, -bound), bound) for g in _gains(drift_by_eps[eps])]
 
 
-def _gains(drift) -> list[float]:
+def _gains(drift) -> list[float | None]:
     """ln(r_{l,last} / r_{l,l}) for every injection block l of one eps; `last` is the deepest block the probe followed
-    that injection to (the last block, or l + absorption.horizon)."""
-    return [gain_log(drift[l], l, max(drift[l])) for l in range(len(drift))]
+    that injection to (the last block, or l + absorption.horizon); None where the probe injected nothing at l
+    (absorption.injection_stride)."""
+    return [gain_log(drift[l], l, max(drift[l])) if drift[l] else None for l in range(len(drift))]
+
+
+def interpolate(values: list[float | None]) -> list[float]:
+    """Fill the blocks the probe skipped (None) linearly in depth between the nearest measured blocks on either side
+    (the nearest one alone at an end). Raises ValueError if no block was measured."""
+    measured = [i for i, v in enumerate(values) if v is not None]
+    if not measured:
+        raise ValueError("no block was measured")
+    out = []
+    for i, v in enumerate(values):
+        left = max((m for m in measured if m <= i), default=None)
+        right = min((m for m in measured if m >= i), default=None)
+        if v is not None or left is None or right is None:
+            out.append(v if v is not None else values[right if left is None else left])
+        else:
+            t = (i - left) / (right - left)
+            out.append((1 - t) * values[left] + t * values[right])
+    return out
 
 
 @dataclass(frozen=True)
@@ -114,8 +133,9 @@ DEFINITIONS = {
 
 
 def coefficients(definition: str, drift_by_eps: dict, eps: float, eps_small: float, composed_logs=None) -> list[float]:
-    """alpha_l for every block (larger = more absorbed) from the probe's drift curves {eps: [l][k] -> r}."""
-    return DEFINITIONS[definition].coefficients(drift_by_eps, composed_logs, eps, eps_small)
+    """alpha_l for every block (larger = more absorbed) from the probe's drift curves {eps: [l][k] -> r}; blocks the
+    probe did not inject at (absorption.injection_stride) are interpolated linearly in depth."""
+    return interpolate(DEFINITIONS[definition].coefficients(drift_by_eps, composed_logs, eps, eps_small))
 
 
 def _additive(base, a, params, target, strength) -> list[float]:

@@ -36,7 +36,7 @@ def drift_figure(absorption: dict, path: Path) -> None:
         rel = curves[eps]["rel"]
         n = len(rel)
         for l, row in enumerate(rel):
-            ks = [k for k, v in enumerate(row) if v is not None]
+            ks = [k for k, v in enumerate(row) if v is not None]  # none for a block the stride skipped
             ax.plot(ks, [row[k] / row[l] for k in ks], color=cmap(l / max(n - 1, 1)), lw=1)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_yscale("log")
@@ -56,7 +56,7 @@ def drift_figure(absorption: dict, path: Path) -> None:
 
 
 def eps_sweep_figure(absorption: dict, path: Path) -> None:
-    """End-to-end drift gain G_l(eps) = drift at the last block / drift at injection, against eps, one line per
+    """End-to-end drift gain G_l(eps) = drift at the last block followed / drift at injection, against eps, one line per
     injection block: above 1 the rest of the network amplifies the error, below 1 it absorbs it. Left: relative drift
     (|h~ - h| / |h| per token); right: absolute drift (|h~ - h|), which leaves out the growth of |h| with depth."""
     plt = _pyplot()
@@ -68,7 +68,11 @@ def eps_sweep_figure(absorption: dict, path: Path) -> None:
     for ax, metric, label in ((axes[0], "rel", "relative drift gain r(l,L-1) / r(l,l)"),
                               (axes[1], "abs", "absolute drift gain |h~-h|(l,L-1) / |h~-h|(l,l)")):
         for l in range(n - 1):
-            gains = [curves[e][metric][l][n - 1] / curves[e][metric][l][l] for e in eps_keys]
+            row = curves[eps_keys[0]][metric][l]
+            if row[l] is None:  # a block absorption.injection_stride skipped
+                continue
+            last = max(k for k, v in enumerate(row) if v is not None)  # L-1, or l + absorption.horizon
+            gains = [curves[e][metric][l][last] / curves[e][metric][l][l] for e in eps_keys]
             ax.plot([float(e) for e in eps_keys], gains, marker="o", ms=3, lw=1, color=cmap(l / max(n - 2, 1)),
                     label=f"l = {l}" if l in (0, (n - 1) // 2, n - 2) else None)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")

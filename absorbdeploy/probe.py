@@ -43,7 +43,8 @@ def probe(runner, profile, sparsities, spec: PruneSpec, ab, eps_values, composed
           progress=None) -> dict:
     """Drift curves for every injection block at each eps in ONE pass over the blocks, then the composed gains.
 
-    `ab` is the absorption options section (skip_tokens, perturbation). Block-major: when block k is loaded, it
+    `ab` is the absorption options section (skip_tokens, perturbation, horizon, injection_stride; a block the stride
+    skips gets empty curves). Block-major: when block k is loaded, it
     advances every trajectory injected before k, then block k's own pruning error is injected; the live trajectories
     (n_blocks x len(eps) probe-sized states at most) are the memory this costs.
     """
@@ -73,9 +74,11 @@ def probe(runner, profile, sparsities, spec: PruneSpec, ab, eps_values, composed
         return fn
 
     horizon = ab.horizon or n  # how many blocks past its injection a trajectory is followed
+    stride = ab.injection_stride or 1  # inject at blocks 0, s, 2s, ... and the last; the rest are interpolated
     if eps_values:
         for k in range(n):
             live = [(l, eps, h) for l, eps, h in live if k - l <= horizon]
+            inject = k % stride == 0 or k == n - 1
             with runner.block(k) as block:
                 if live:
                     advanced = runner.run(block, torch.cat([h for _, _, h in live]))
@@ -83,13 +86,14 @@ def probe(runner, profile, sparsities, spec: PruneSpec, ab, eps_values, composed
                     live = [(l, eps, h) for (l, eps, _), h in zip(live, advanced.split(states[0].shape[0]))]
                     for l, eps, h in live:
                         record(l, eps, h, k)
-                with _Pruned(block, profile.stats[k], sparsities[k], spec) as pruned:
-                    delta = runner.run(pruned, states[k]) - states[k + 1]
-                counter["forwards"] += 1
-            if ab.perturbation == "gaussian":  # the control: isotropic noise with the same per-token norm
+                if inject:
+                    with _Pruned(block, profile.stats[k], sparsities[k], spec) as pruned:
+                        delta = runner.run(pruned, states[k]) - states[k + 1]
+                    counter["forwards"] += 1
+            if inject and ab.perturbation == "gaussian":  # the control: isotropic noise with the same per-token norm
                 noise = torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
                 delta = noise * (delta.norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-30))
-            for eps in eps_values:
+            for eps in eps_values if inject else ():
                 injected = states[k + 1] + eps * delta
                 record(k, eps, injected, k)
                 if k + 1 < n:
@@ -128,7 +132,7 @@ def correct_allocation(runner, profile, base, params, target: float, spec: Prune
     return current, {
         "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": measured.perturbation,
         "eps": eps_values, "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens,
-                                     "horizon": ab.horizon},
+                                     "horizon": ab.horizon, "injection_stride": ab.injection_stride},
         "coefficients": history[-1]["coefficients"], "iterations": history, **summary,
         "cost": {**cost, "dense_forward_equivalents": cost["block_forwards"] / len(params), "probe_tokens": result["tokens"]},
         "base": list(base), "final": current,
@@ -156,7 +160,8 @@ def profile_all(runner, profile, base, params, target: float, spec: PruneSpec, a
     forwards = result["block_forwards"] + control["block_forwards"]
     return {
         "definition": ab.definition, "strength": ab.strength, "mode": mode, "perturbation": "pruning", "eps": eps_values,
-        "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens},
+        "probe": {"samples": ab.probe_samples, "seqlen": ab.probe_seqlen, "skip_tokens": ab.skip_tokens,
+                  "horizon": ab.horizon, "injection_stride": ab.injection_stride},
         "coefficients": by_definition[ab.definition], "by_definition": by_definition,
         "curves": summary["curves"], "composed_log_gains": result["composed_logs"],
         "control": {"perturbation": "gaussian (matched per-token norm)", "eps": ab.eps,

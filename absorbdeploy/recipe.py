@@ -89,6 +89,7 @@ class Absorption:  # defaults chosen on the selection split (README, "Choosing t
     eps: float = 1.0
     eps_small: float = 0.01
     horizon: int | None = None  # follow each injected error this many blocks (None: to the last block)
+    injection_stride: int | None = None  # inject at every s-th block and the last, interpolate between (None: every)
     skip_tokens: int = 1
     iterations: int = 1
     perturbation: str = "pruning"  # pruning: the real pruning error; gaussian: matched-norm noise (the control)

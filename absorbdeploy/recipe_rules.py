@@ -144,6 +144,8 @@ def check(r) -> None:
     _at_least("absorption.skip_tokens", ab.skip_tokens, 0)
     if ab.horizon is not None:
         _at_least("absorption.horizon", ab.horizon, 1)
+    if ab.injection_stride is not None:
+        _at_least("absorption.injection_stride", ab.injection_stride, 1)
     if ab.enabled:
         check_probe(r)
     for fmt in e.formats or ():

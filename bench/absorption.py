@@ -1,25 +1,34 @@
 """Does the absorption correction improve the best allocators? (issue 19; SmolLM2-135M, pydoc-v1, sequential protocol)
 
-For each setting (pruner, sparsity, base allocator) two phases, with every choice made on the selection split (the last
-8 calibration windows, disjoint from every draw) and every claim on the evaluation split (16 x 512):
-- `grid`, draw 0: one dense pass, the base allocation, ONE probe per perturbation (the real pruning error at eps 0.01
-  and 1 plus the composed pass; matched-norm Gaussian noise at eps 1 for `paper`), every definition's coefficients,
-  then the base and every definition x strength pruned and scored. The probe's coefficients truncated at horizon h
-  (each injected error followed only h blocks) come from the same curves, for the cheap-probe comparison.
+For each setting (pruner, sparsity, base allocator), with every choice made on the selection split (the last 8
+calibration windows, disjoint from every draw) and every claim on the evaluation split (16 x 512):
+- `grid`, draw 0: one dense pass, the base allocation, ONE probe per perturbation the definitions need (the real
+  pruning error at eps 0.01 and 1, the composed pass; matched-norm Gaussian noise at eps 1 for `paper`), their
+  coefficients, then the base and every definition x strength pruned and scored (no definitions: the base alone).
+  The coefficients a probe truncated at horizon h (each error followed only h blocks) would give come from the same
+  curves.
+- `tokens`, draw 0: the fewer-tokens probe, each of the P probe samples alone (1/P of the cost): its coefficients
+  against the full probe's, the PPL of the correction it gives, and the check that the mean of the parts is the full.
 - `claims`, draws 0..D-1: the base, its best correction (definition x strength with the lowest selection PPL in the
-  grid) and the same correction measured by the truncated probe (`--horizon`, run for real, its cost measured).
-Everything lands in bench/results/absorption_study.json (resumable: finished runs are kept); the tables are printed.
+  grid), the same correction from the probe truncated at `--horizon` (run for real, its cost measured) and from
+  injections every `--stride` blocks interpolated in depth. Draw 0 reuses the grid's runs.
+Everything lands in bench/results/absorption_study.json (resumable: finished runs are kept; two processes, one per
+core with OMP_NUM_THREADS=1, may run different settings side by side); the tables are printed.
 
     .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.7 --bases atp,dlp
-    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.6 --bases uniform,alpha --definitions margin,paper
+    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.6 --bases uniform,atp --definitions margin,paper
+    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.7 --bases atp --phases tokens
     .venv/bin/python bench/absorption.py --report                 # only the tables, from the JSON
 """
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
-import statistics
+import os
 
+from absorption_tables import _interpolated
 from common import RESULTS, Harness, realised_sparsity, recipe, table, write
 
 from absorbdeploy import absorb, allocate, calibrate, data, probe
@@ -29,6 +38,27 @@ from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_sequential
 
 STRENGTHS = (0.02, 0.05, 0.08, 0.12)
 PATH = RESULTS / "absorption_study.json"
+
+
+@contextlib.contextmanager
+def _locked():
+    """An exclusive lock on the results folder: two studies (one per core) may run side by side."""
+    RESULTS.mkdir(exist_ok=True)
+    fd = os.open(RESULTS, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def save(study: dict, section: str, key: str) -> None:
+    """Write this process's `study[section][key]` into the JSON on disk, keeping what other processes wrote there."""
+    with _locked():
+        disk = json.loads(PATH.read_text()) if PATH.exists() else {}
+        disk.setdefault(section, {})[key] = study[section][key]
+        disk["dense_ppl"] = study.get("dense_ppl", disk.get("dense_ppl"))
+        write("absorption_study", {k: v for k, v in disk.items() if k not in ("environment", "torch_threads")})
 
 
 def setting_recipe(pruner: str, sparsity: float, base: str, draw: int):
@@ -79,7 +109,7 @@ def truncated_coefficients(measured: dict, horizon: int, ab) -> dict:
     """The coefficients a probe with this horizon would give: the same curves cut at l + horizon."""
     out = {}
     for name, d in absorb.DEFINITIONS.items():
-        if d.composed:
+        if d.composed or perturbation(name) not in measured:
             continue
         result = measured[perturbation(name)]
         curves = {e: [{m: {k: v for k, v in row[m].items() if k - l <= horizon} for m in row} for l, row in enumerate(rows)]
@@ -110,9 +140,12 @@ def grid(h, study, key, pruner, sparsity, base_method, definitions, selection):
     if all(w in case["runs"] for w in wanted):
         return case
     runner, calib, profile, base, params = prepare(h, r)
-    coefficients, cost, measured = probe_coefficients(runner, profile, base, r, list(absorb.DEFINITIONS))
-    truncated = {k: truncated_coefficients(measured, k, r.absorption) for k in (2, 3, 4, 6, 8)}
-    case.update(coefficients=coefficients, truncated=truncated, probe_cost=cost, base=base)
+    case["base"] = base
+    if definitions and "coefficients" not in case:  # no definitions: the base allocator alone, no probe
+        coefficients, cost, measured = probe_coefficients(runner, profile, base, r, definitions)
+        truncated = {k: truncated_coefficients(measured, k, r.absorption) for k in (2, 3, 4, 6, 8)}
+        case.update(coefficients=coefficients, truncated=truncated, probe_cost=cost)
+    coefficients = case.get("coefficients")
     for name in wanted:
         if name not in case["runs"]:
             allocation = base if name == "base" else corrected(name.split(":")[0], float(name.split(":")[1]), base,
@@ -120,7 +153,7 @@ def grid(h, study, key, pruner, sparsity, base_method, definitions, selection):
             case["runs"][name] = score(h, runner, calib, allocation, r, selection)
             print(f"  grid {key} {name}: selection {case['runs'][name]['selection_ppl']:.2f} eval "
                   f"{case['runs'][name]['eval_ppl']:.2f}", flush=True)
-            write("absorption_study", study)
+            save(study, "grid", key)
     return case
 
 
@@ -128,31 +161,89 @@ def best_setting(case: dict) -> str:
     return min((n for n in case["runs"] if n != "base"), key=lambda n: case["runs"][n]["selection_ppl"])
 
 
-def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, selection):
+def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride, selection):
     best = best_setting(study["grid"][key])
     definition, strength = best.split(":")[0], float(best.split(":")[1])
     for draw in range(draws):
         entry = study.setdefault("claims", {}).setdefault(key, {}).setdefault(str(draw), {"best": best})
-        if all(n in entry for n in ("base", "corrected")) and ("cheap" in entry or absorb.DEFINITIONS[definition].composed):
+        if all(n in entry for n in ("base", "corrected")) and (
+                all(n in entry for n in ("cheap", "stride")) or absorb.DEFINITIONS[definition].composed):
             continue
         r = setting_recipe(pruner, sparsity, base_method, draw)
+        case = study["grid"][key]
+        if draw == 0:  # the grid ran this very draw: its runs and full probe are reused, not repeated
+            entry.setdefault("base", case["runs"]["base"])
+            entry.setdefault("corrected", case["runs"][best])
         runner, calib, profile, base, params = prepare(h, r)
-        coefficients, cost, _ = probe_coefficients(runner, profile, base, r, [definition])
-        cheap, cheap_cost, _ = probe_coefficients(runner, profile, base, r, [definition], horizon)
-        entry["coefficients"], entry["cheap_coefficients"] = coefficients[definition], cheap.get(definition)
-        entry["probe_cost"], entry["cheap_probe_cost"] = cost, cheap_cost
+        if draw == 0:
+            entry["coefficients"] = case["coefficients"][definition]
+            entry["probe_cost"] = {perturbation(definition): case["probe_cost"][perturbation(definition)]}
+        if "coefficients" not in entry:  # kept from an earlier run: the probe is deterministic
+            full, entry["probe_cost"], _ = probe_coefficients(runner, profile, base, r, [definition])
+            entry["coefficients"] = full[definition]
+        coefficients = {definition: entry["coefficients"]}
+        if "cheap_probe_cost" not in entry:
+            cheap, entry["cheap_probe_cost"], _ = probe_coefficients(runner, profile, base, r, [definition], horizon)
+            entry["cheap_coefficients"] = cheap.get(definition)
+        cheap = {definition: entry["cheap_coefficients"]} if entry.get("cheap_coefficients") else {}
         if "base" not in entry:
             entry["base"] = score(h, runner, calib, base, r, selection)
         if "corrected" not in entry:
             entry["corrected"] = score(h, runner, calib, corrected(definition, strength, base, coefficients, params, r), r,
                                        selection)
-        if definition in cheap:
+        if definition in cheap and "cheap" not in entry:
             entry["cheap"] = score(h, runner, calib, corrected(definition, strength, base, cheap, params, r), r, selection)
             entry["cheap"]["horizon"] = horizon
+        if not absorb.DEFINITIONS[definition].composed and "stride" not in entry:  # injections every `stride` blocks
+            n = len(base)
+            sparse = {definition: _interpolated(coefficients[definition], sorted(set(range(0, n, stride)) | {n - 1}))}
+            entry["stride"] = score(h, runner, calib, corrected(definition, strength, base, sparse, params, r), r,
+                                    selection)
+            entry["stride"]["stride"] = stride
+        cheap_ppl, stride_ppl = (entry.get(n, {}).get("eval_ppl", float("nan")) for n in ("cheap", "stride"))
         print(f"  claims {key} draw {draw}: base {entry['base']['eval_ppl']:.2f}, {best} "
-              f"{entry['corrected']['eval_ppl']:.2f}, cheap {entry.get('cheap', {}).get('eval_ppl', float('nan')):.2f}",
-              flush=True)
-        write("absorption_study", study)
+              f"{entry['corrected']['eval_ppl']:.2f}, cheap {cheap_ppl:.2f}, stride {stride_ppl:.2f}", flush=True)
+        save(study, "claims", key)
+
+
+def _mean_curves(results: list[dict]) -> dict:
+    """The drift curves of the whole probe set from those of its equal-sized parts (per-token means average)."""
+    first = results[0]["curves"]
+    return {e: [{m: {k: sum(r["curves"][e][l][m][k] for r in results) / len(results) for k in row[m]} for m in row}
+                for l, row in enumerate(rows)] for e, rows in first.items()}
+
+
+def token_subsets(h, study, key, pruner, sparsity, base_method, selection):
+    """The fewer-tokens probe: each of the P probe samples alone (1/P of the cost). Their coefficients against the full
+    probe's (rank correlation), the corrected allocation each gives (PPL), and the check that the mean of the P parts
+    reproduces the full probe."""
+    case, r = study["grid"][key], setting_recipe(pruner, sparsity, base_method, 0)
+    best = best_setting(case)
+    definition, strength = best.split(":")[0], float(best.split(":")[1])
+    names = [d for d in case["coefficients"] if not absorb.DEFINITIONS[d].composed]
+    done = case.setdefault("tokens", {})
+    runner, calib, profile, base, params = prepare(h, r)
+    samples, parts = profile.probe_hidden[0].shape[0], {}
+    for i in range(samples):  # every probe before any scoring: score() prunes the model in place
+        part = dataclasses.replace(profile, probe_hidden=[x[i : i + 1] for x in profile.probe_hidden])
+        coefficients, cost, parts[i] = probe_coefficients(runner, part, base, r, names)
+        entry = done.setdefault(str(i), {})
+        if entry.get("coefficients") not in (None, coefficients):
+            entry.pop("run", None)  # measured by an earlier, different probe
+        entry.update(samples=1, of=samples, coefficients=coefficients,
+                     probe_cost={p: {**c, "equivalents": c["equivalents"] / samples} for p, c in cost.items()})
+    for i in range(samples):
+        entry, coefficients = done[str(i)], done[str(i)]["coefficients"]
+        if "run" not in entry:
+            entry["run"] = score(h, runner, calib, corrected(definition, strength, base, coefficients, params, r), r,
+                                 selection)
+            entry["run"]["correction"] = best
+        print(f"  tokens {key} sample {i}: {best} eval {entry['run']['eval_ppl']:.2f}", flush=True)
+        save(study, "grid", key)
+    mean = {p: {**parts[0][p], "curves": _mean_curves([parts[i][p] for i in parts])} for p in parts[0]}
+    done["mean_of_parts"] = {d: absorb.summarise(mean[perturbation(d)], d, r.absorption.eps, r.absorption.eps_small)
+                             ["coefficients"] for d in names}
+    save(study, "grid", key)
 
 
 def main() -> None:
@@ -160,10 +251,11 @@ def main() -> None:
     parser.add_argument("--pruner", default="wanda")
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--bases", default="atp,dlp")
-    parser.add_argument("--definitions", default=",".join(absorb.DEFINITIONS))
+    parser.add_argument("--definitions", default=",".join(absorb.DEFINITIONS), help="'' for the base alone")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--horizon", type=int, default=3, help="of the cheap probe")
-    parser.add_argument("--phases", default="grid,claims")
+    parser.add_argument("--stride", type=int, default=5, help="injection stride of the interpolated probe")
+    parser.add_argument("--phases", default="grid,claims", help="of grid, tokens, claims")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     study = json.loads(PATH.read_text()) if PATH.exists() else {}
@@ -174,9 +266,13 @@ def main() -> None:
         for base_method in args.bases.split(","):
             key = f"{args.pruner} {args.sparsity} {base_method}"
             if "grid" in args.phases:
-                grid(h, study, key, args.pruner, args.sparsity, base_method, args.definitions.split(","), selection)
+                definitions = [d for d in args.definitions.split(",") if d]
+                grid(h, study, key, args.pruner, args.sparsity, base_method, definitions, selection)
+            if "tokens" in args.phases:
+                token_subsets(h, study, key, args.pruner, args.sparsity, base_method, selection)
             if "claims" in args.phases:
-                claims(h, study, key, args.pruner, args.sparsity, base_method, args.draws, args.horizon, selection)
+                claims(h, study, key, args.pruner, args.sparsity, base_method, args.draws, args.horizon, args.stride,
+                       selection)
     from absorption_tables import print_tables
 
     print_tables(study)

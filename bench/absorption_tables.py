@@ -4,6 +4,8 @@ import statistics
 
 from common import table
 
+from absorbdeploy import absorb
+
 
 def _spearman(a: list[float], b: list[float]) -> float:
     def ranks(values):
@@ -39,11 +41,13 @@ def claim_rows(study: dict) -> list[dict]:
         base = [d["base"]["eval_ppl"] for d in done]
         best = [d["corrected"]["eval_ppl"] for d in done]
         cheap = [d["cheap"]["eval_ppl"] for d in done if "cheap" in d]
+        stride = [d["stride"]["eval_ppl"] for d in done if "stride" in d]
         row = {"setting": key, "best correction (selection)": done[0]["best"], "draws": len(done),
                "base eval PPL": _spread(base), "corrected eval PPL": _spread(best),
                "ratio": f"{statistics.fmean(best) / statistics.fmean(base):.3f}",
                "spreads overlap": str(min(base) <= max(best)),
-               "cheap probe eval PPL": _spread(cheap) if cheap else "-"}
+               "horizon-3 probe eval PPL": _spread(cheap) if cheap else "-",
+               "stride-5 probe eval PPL": _spread(stride) if stride else "-"}
         rows.append(row)
     return rows
 
@@ -55,8 +59,8 @@ def _spread(values: list[float]) -> str:
 def cost_rows(study: dict) -> list[dict]:
     rows = []
     for key, case in sorted(study.get("grid", {}).items()):
-        full = case["coefficients"]
-        for name, cost in case["probe_cost"].items():
+        full = case.get("coefficients", {})
+        for name, cost in case.get("probe_cost", {}).items():
             rows.append({"setting": key, "probe": f"full, {name} perturbation", "equivalents": f"{cost['equivalents']:.1f}",
                          "seconds": f"{cost['seconds']:.0f}", "rank correlation with full": "1"})
         for horizon, truncated in sorted(case.get("truncated", {}).items(), key=lambda kv: int(kv[0])):
@@ -82,7 +86,70 @@ def cost_rows(study: dict) -> list[dict]:
     return rows
 
 
+EPS_COUNT = {"margin": 2, "gain": 1, "paper": 1}  # drift trajectories per injection block each definition follows
+
+
+def _interpolated(coefficients: list[float], chosen: list[int]) -> list[float]:
+    """What a probe with injections only at the `chosen` blocks gives (absorption.injection_stride): each measured
+    coefficient is the full probe's, the rest linear in depth."""
+    return absorb.interpolate([c if l in chosen else None for l, c in enumerate(coefficients)])
+
+
+def stride_rows(study: dict) -> list[dict]:
+    """Fewer injection blocks: inject at every s-th block (and the last, whose coefficient needs no forward),
+    interpolate the rest; cost in probe-forward equivalents = (injections + trajectories x blocks followed) / blocks."""
+    rows = []
+    for key, case in sorted(study.get("grid", {}).items()):
+        for name, trajectories in EPS_COUNT.items():
+            full = case.get("coefficients", {}).get(name)
+            if full is None:
+                continue
+            n = len(full)
+            for stride in (2, 3, 4, 5):
+                chosen = sorted(set(range(0, n, stride)) | {n - 1})
+                cost = sum(1 + trajectories * (n - 1 - l) for l in chosen if l < n - 1) / n
+                rows.append({"setting": key, "definition": name, "injection stride": stride,
+                             "equivalents": f"{cost:.1f}",
+                             "rank correlation with full": f"{_spearman(full, _interpolated(full, chosen)):.3f}"})
+    return rows
+
+
+def token_rows(study: dict) -> list[dict]:
+    """Fewer tokens: each probe sample alone against the full probe (all samples), and the PPL of its correction."""
+    rows = []
+    for key, case in sorted(study.get("grid", {}).items()):
+        parts = {i: t for i, t in case.get("tokens", {}).items() if i.isdigit() and "run" in t}
+        if not parts:
+            continue
+        best = next(iter(parts.values()))["run"]["correction"]
+        for name in case["tokens"].get("mean_of_parts", {}) or next(iter(parts.values()))["coefficients"]:
+            rhos = [_spearman(case["coefficients"][name], t["coefficients"][name]) for t in parts.values()]
+            first = next(iter(parts.values()))
+            equivalents = first["probe_cost"][_perturbation(name)]["equivalents"]
+            mean = case["tokens"].get("mean_of_parts", {}).get(name)
+            rows.append({"setting": key, "definition": name, "probe": f"1 of {first['of']} samples",
+                         "equivalents": f"{equivalents:.1f}",
+                         "rank correlation with full": _spread3(rhos),
+                         "mean of parts = full":
+                             "" if mean is None else f"{_spearman(case['coefficients'][name], mean):.4f}",
+                         f"eval PPL of {best}": _spread([t["run"]["eval_ppl"] for t in parts.values()])
+                         if name == best.split(":")[0] else "",
+                         "full probe's": f"{case['runs'][best]['eval_ppl']:.2f}" if name == best.split(":")[0] else ""})
+    return rows
+
+
+def _perturbation(name: str) -> str:
+    return "gaussian" if name == "paper" else "pruning"
+
+
+def _spread3(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def print_tables(study: dict) -> None:
-    for title, rows in (("grid (draw 0)", grid_rows(study)), ("claims", claim_rows(study)), ("probe cost", cost_rows(study))):
+    for title, rows in (("grid (draw 0)", grid_rows(study)), ("claims", claim_rows(study)),
+                        ("probe cost", cost_rows(study)),
+                        ("cheaper probe: fewer injection blocks", stride_rows(study)),
+                        ("cheaper probe: fewer tokens", token_rows(study))):
         if rows:
             print(f"\n{title}\n" + table(rows, list(rows[0])))

@@ -98,3 +98,27 @@ def test_a_horizon_follows_each_error_fewer_blocks_with_the_same_numbers(setup):
         for k, value in short["curves"][1.0][l]["rel"].items():
             assert value == pytest.approx(full["curves"][1.0][l]["rel"][k], rel=1e-6)
     assert short["block_forwards"] == n + (n - 1) < full["block_forwards"]  # one delta per block + one step each
+
+
+def test_an_injection_stride_measures_fewer_blocks_and_interpolates_the_rest(setup):
+    runner, profile, base, params, r = setup
+    full = run_probe(runner, profile, base, r, [0.01, 1.0], False)
+    strided = dataclasses.replace(r, absorption=dataclasses.replace(r.absorption, injection_stride=2))
+    part = run_probe(runner, profile, base, strided, [0.01, 1.0], False)
+    n = len(params)
+    injected = sorted(set(range(0, n, 2)) | {n - 1})
+    for l in range(n):
+        row = part["curves"][1.0][l]["rel"]
+        if l in injected:  # the same numbers as the full probe where it injects
+            assert row == pytest.approx(full["curves"][1.0][l]["rel"], rel=1e-6)
+        else:
+            assert row == {}
+    trajectories = sum(2 * (n - 1 - l) for l in injected)
+    assert part["block_forwards"] == len(injected) + trajectories < full["block_forwards"]
+    for definition in ("gain", "margin", "paper"):
+        a, b = coefficients(full, definition, r), coefficients(part, definition, r)
+        for l in range(n):
+            if l in injected:
+                assert b[l] == pytest.approx(a[l], rel=1e-5, abs=1e-9)
+            else:  # between its measured neighbours, linear in depth
+                assert b[l] == pytest.approx((b[l - 1] + b[l + 1]) / 2, rel=1e-9, abs=1e-12)

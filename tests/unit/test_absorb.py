@@ -157,3 +157,22 @@ def test_a_horizon_measures_gain_to_the_last_block_followed():
     a = absorb.coefficients("gain", {1.0: cut}, 1.0, 0.01)
     assert a == pytest.approx([-math.log(cut[l][max(cut[l])] / cut[l][l]) for l in range(6)])
     assert a[0] < 0 < a[3]  # block 0's error still meets amplifiers within 2 blocks; block 3's only absorbers
+
+
+def test_interpolate_fills_skipped_blocks_linearly_in_depth():
+    assert absorb.interpolate([1.0, None, None, 4.0, None]) == pytest.approx([1.0, 2.0, 3.0, 4.0, 4.0])
+    assert absorb.interpolate([None, 2.0, 0.0]) == [2.0, 2.0, 0.0]  # an end holds its nearest measured block
+    with pytest.raises(ValueError, match="no block was measured"):
+        absorb.interpolate([None, None])
+
+
+def test_a_skipped_injection_block_gets_its_neighbours_mean():
+    blocks = toy_blocks([2.0, 2.0, 2.0, 0.5, 0.5, 0.5])
+    states = dense_states(blocks)
+    full = {e: drift_matrix(blocks, states, e) for e in (0.01, 1.0)}
+    strided = {e: [row if l % 2 == 0 or l == 5 else {} for l, row in enumerate(rows)] for e, rows in full.items()}
+    for name in ("gain", "margin", "paper"):
+        a = absorb.coefficients(name, full, 1.0, 0.01)
+        b = absorb.coefficients(name, strided, 1.0, 0.01)
+        assert [b[l] for l in (0, 2, 4, 5)] == pytest.approx([a[l] for l in (0, 2, 4, 5)])
+        assert [b[1], b[3]] == pytest.approx([(a[0] + a[2]) / 2, (a[2] + a[4]) / 2])

@@ -55,6 +55,7 @@ def test_unknown_recipe_lists_packaged_names():
         ("version: 1\nallocation: {min: 0.9, max: 0.5}\n", "need 0 <= min < max < 1"),
         ("version: 1\nprune: {sparsity: 0.9}\nallocation: {max: 0.8}\n", "outside [allocation.min, allocation.max]"),
         ("version: 1\nexport: {formats: [tflite]}\n", "export.formats must be one of"),
+        ("version: 1\nabsorption: {injection_stride: 0}\n", "absorption.injection_stride must be >= 1"),
     ],
 )
 def test_bad_recipes_are_one_line_user_errors(text, expected):
