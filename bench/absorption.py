@@ -52,11 +52,15 @@ def _locked():
         os.close(fd)
 
 
-def save(study: dict, section: str, key: str) -> None:
-    """Write this process's `study[section][key]` into the JSON on disk, keeping what other processes wrote there."""
+def save(study: dict, section: str, key: str, draw: str | None = None) -> None:
+    """Write this process's `study[section][key]` (one draw of it, given `draw`) into the JSON on disk, keeping what
+    other processes wrote there."""
     with _locked():
         disk = json.loads(PATH.read_text()) if PATH.exists() else {}
-        disk.setdefault(section, {})[key] = study[section][key]
+        if draw is None:
+            disk.setdefault(section, {})[key] = study[section][key]
+        else:
+            disk.setdefault(section, {}).setdefault(key, {})[draw] = study[section][key][draw]
         disk["dense_ppl"] = study.get("dense_ppl", disk.get("dense_ppl"))
         write("absorption_study", {k: v for k, v in disk.items() if k not in ("environment", "torch_threads")})
 
@@ -157,17 +161,36 @@ def grid(h, study, key, pruner, sparsity, base_method, definitions, selection):
     return case
 
 
-def best_setting(case: dict) -> str:
-    return min((n for n in case["runs"] if n != "base"), key=lambda n: case["runs"][n]["selection_ppl"])
+def best_setting(case: dict) -> str | None:
+    """The correction with the lowest selection PPL in the grid; None where the grid ran the base alone."""
+    return min((n for n in case["runs"] if n != "base"), key=lambda n: case["runs"][n]["selection_ppl"], default=None)
 
 
-def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride, selection):
-    best = best_setting(study["grid"][key])
-    definition, strength = best.split(":")[0], float(best.split(":")[1])
+def base_claims(h, study, key, pruner, sparsity, base_method, draws, selection):
+    """The base allocator alone over the draws (a setting whose grid has no corrections)."""
     for draw in range(draws):
+        entry = study.setdefault("claims", {}).setdefault(key, {}).setdefault(str(draw), {"best": None})
+        if "base" not in entry:
+            r = setting_recipe(pruner, sparsity, base_method, draw)
+            if draw == 0:
+                entry["base"] = study["grid"][key]["runs"]["base"]
+            else:
+                runner, calib, _, base, _ = prepare(h, r)
+                entry["base"] = score(h, runner, calib, base, r, selection)
+        print(f"  claims {key} draw {draw}: base {entry['base']['eval_ppl']:.2f}", flush=True)
+        save(study, "claims", key, str(draw))
+
+
+def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride, selection, first=0):
+    best = best_setting(study["grid"][key])
+    if best is None:
+        return base_claims(h, study, key, pruner, sparsity, base_method, draws, selection)
+    definition, strength = best.split(":")[0], float(best.split(":")[1])
+    for draw in range(first, draws):
         entry = study.setdefault("claims", {}).setdefault(key, {}).setdefault(str(draw), {"best": best})
+        cheaper = [n for n, on in (("cheap", horizon), ("stride", stride)) if on]  # 0 turns a cheaper probe off
         if all(n in entry for n in ("base", "corrected")) and (
-                all(n in entry for n in ("cheap", "stride")) or absorb.DEFINITIONS[definition].composed):
+                all(n in entry for n in cheaper) or absorb.DEFINITIONS[definition].composed):
             continue
         r = setting_recipe(pruner, sparsity, base_method, draw)
         case = study["grid"][key]
@@ -182,10 +205,10 @@ def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride,
             full, entry["probe_cost"], _ = probe_coefficients(runner, profile, base, r, [definition])
             entry["coefficients"] = full[definition]
         coefficients = {definition: entry["coefficients"]}
-        if "cheap_probe_cost" not in entry:
+        if horizon and "cheap_probe_cost" not in entry:
             cheap, entry["cheap_probe_cost"], _ = probe_coefficients(runner, profile, base, r, [definition], horizon)
             entry["cheap_coefficients"] = cheap.get(definition)
-        cheap = {definition: entry["cheap_coefficients"]} if entry.get("cheap_coefficients") else {}
+        cheap = {definition: entry["cheap_coefficients"]} if horizon and entry.get("cheap_coefficients") else {}
         if "base" not in entry:
             entry["base"] = score(h, runner, calib, base, r, selection)
         if "corrected" not in entry:
@@ -194,7 +217,7 @@ def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride,
         if definition in cheap and "cheap" not in entry:
             entry["cheap"] = score(h, runner, calib, corrected(definition, strength, base, cheap, params, r), r, selection)
             entry["cheap"]["horizon"] = horizon
-        if not absorb.DEFINITIONS[definition].composed and "stride" not in entry:  # injections every `stride` blocks
+        if stride and not absorb.DEFINITIONS[definition].composed and "stride" not in entry:  # injections every `stride` blocks
             n = len(base)
             sparse = {definition: _interpolated(coefficients[definition], sorted(set(range(0, n, stride)) | {n - 1}))}
             entry["stride"] = score(h, runner, calib, corrected(definition, strength, base, sparse, params, r), r,
@@ -203,7 +226,7 @@ def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride,
         cheap_ppl, stride_ppl = (entry.get(n, {}).get("eval_ppl", float("nan")) for n in ("cheap", "stride"))
         print(f"  claims {key} draw {draw}: base {entry['base']['eval_ppl']:.2f}, {best} "
               f"{entry['corrected']['eval_ppl']:.2f}, cheap {cheap_ppl:.2f}, stride {stride_ppl:.2f}", flush=True)
-        save(study, "claims", key)
+        save(study, "claims", key, str(draw))
 
 
 def _mean_curves(results: list[dict]) -> dict:
@@ -253,8 +276,9 @@ def main() -> None:
     parser.add_argument("--bases", default="atp,dlp")
     parser.add_argument("--definitions", default=",".join(absorb.DEFINITIONS), help="'' for the base alone")
     parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--horizon", type=int, default=3, help="of the cheap probe")
-    parser.add_argument("--stride", type=int, default=5, help="injection stride of the interpolated probe")
+    parser.add_argument("--horizon", type=int, default=3, help="of the truncated probe in the claims (0: none)")
+    parser.add_argument("--stride", type=int, default=5, help="of the interpolated probe in the claims (0: none)")
+    parser.add_argument("--first-draw", type=int, default=0, help="claims: start at this draw (a second process)")
     parser.add_argument("--phases", default="grid,claims", help="of grid, tokens, claims")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
@@ -272,7 +296,7 @@ def main() -> None:
                 token_subsets(h, study, key, args.pruner, args.sparsity, base_method, selection)
             if "claims" in args.phases:
                 claims(h, study, key, args.pruner, args.sparsity, base_method, args.draws, args.horizon, args.stride,
-                       selection)
+                       selection, args.first_draw)
     from absorption_tables import print_tables
 
     print_tables(study)

@@ -37,6 +37,10 @@ def claim_rows(study: dict) -> list[dict]:
     for key, draws in sorted(study.get("claims", {}).items()):
         done = [d for d in draws.values() if "base" in d and "corrected" in d]
         if not done:
+            alone = [d["base"]["eval_ppl"] for d in draws.values() if "base" in d]
+            if alone:
+                rows.append({"setting": key, "best correction (selection)": "- (base alone)", "draws": len(alone),
+                             "base eval PPL": _spread(alone)})
             continue
         base = [d["base"]["eval_ppl"] for d in done]
         best = [d["corrected"]["eval_ppl"] for d in done]
@@ -49,6 +53,35 @@ def claim_rows(study: dict) -> list[dict]:
                "horizon-3 probe eval PPL": _spread(cheap) if cheap else "-",
                "stride-5 probe eval PPL": _spread(stride) if stride else "-"}
         rows.append(row)
+    return rows
+
+
+def target_rows(study: dict) -> list[dict]:
+    """Per (pruner, sparsity): the best base allocator and the best corrected allocation, each chosen on the selection
+    split (grid, draw 0), compared over the claims' draws on the evaluation split."""
+    groups: dict = {}
+    for key, case in study.get("grid", {}).items():
+        pruner, sparsity, base = key.split()
+        groups.setdefault((pruner, sparsity), []).append((base, case))
+    rows = []
+    for (pruner, sparsity), cases in sorted(groups.items()):
+        base_name, _ = min(cases, key=lambda bc: bc[1]["runs"]["base"]["selection_ppl"])
+        corrected = [(b, n, run) for b, case in cases for n, run in case["runs"].items() if n != "base"]
+        if not corrected:
+            continue
+        corr_base, corr_name, _ = min(corrected, key=lambda c: c[2]["selection_ppl"])
+        draws = study.get("claims", {})
+        base_ppl = [d["base"]["eval_ppl"] for d in draws.get(f"{pruner} {sparsity} {base_name}", {}).values()
+                    if "base" in d]
+        corr_ppl = [d["corrected"]["eval_ppl"] for d in draws.get(f"{pruner} {sparsity} {corr_base}", {}).values()
+                    if "corrected" in d and d.get("best") == corr_name]
+        rows.append({"pruner, sparsity": f"{pruner} {float(sparsity):.0%}",
+                     "best base (selection)": base_name, "base eval PPL": _spread(base_ppl) if base_ppl else "-",
+                     "best corrected (selection)": f"{corr_base} + {corr_name}",
+                     "corrected eval PPL": _spread(corr_ppl) if corr_ppl else "-",
+                     "draws": f"{len(base_ppl)} / {len(corr_ppl)}",
+                     "ratio": f"{statistics.fmean(corr_ppl) / statistics.fmean(base_ppl):.3f}"
+                     if base_ppl and corr_ppl else "-"})
     return rows
 
 
@@ -65,9 +98,10 @@ def cost_rows(study: dict) -> list[dict]:
                          "seconds": f"{cost['seconds']:.0f}", "rank correlation with full": "1"})
         for horizon, truncated in sorted(case.get("truncated", {}).items(), key=lambda kv: int(kv[0])):
             for name in ("margin", "gain", "paper"):
-                if name in truncated:
+                if name in truncated and name in full:
+                    rho = _spearman(full[name], truncated[name])
                     rows.append({"setting": key, "probe": f"horizon {horizon}, {name}", "equivalents": "",
-                                 "seconds": "", "rank correlation with full": f"{_spearman(full[name], truncated[name]):.3f}"})
+                                 "seconds": "", "rank correlation with full": f"{rho:.3f}"})
     for key, draws in sorted(study.get("claims", {}).items()):
         for draw, d in sorted(draws.items()):
             for name, cost in d.get("cheap_probe_cost", {}).items():
@@ -148,8 +182,10 @@ def _spread3(values: list[float]) -> str:
 
 def print_tables(study: dict) -> None:
     for title, rows in (("grid (draw 0)", grid_rows(study)), ("claims", claim_rows(study)),
+                        ("best corrected against best base", target_rows(study)),
                         ("probe cost", cost_rows(study)),
                         ("cheaper probe: fewer injection blocks", stride_rows(study)),
                         ("cheaper probe: fewer tokens", token_rows(study))):
         if rows:
-            print(f"\n{title}\n" + table(rows, list(rows[0])))
+            columns = list(dict.fromkeys(c for row in rows for c in row))
+            print(f"\n{title}\n" + table(rows, columns))
