@@ -96,13 +96,15 @@ def interpolate(values: list[float | None]) -> list[float]:
         raise ValueError("no block was measured")
     out = []
     for i, v in enumerate(values):
-        left = max((m for m in measured if m <= i), default=None)
-        right = min((m for m in measured if m >= i), default=None)
-        if v is not None or left is None or right is None:
-            out.append(v if v is not None else values[right if left is None else left])
-        else:
-            t = (i - left) / (right - left)
-            out.append((1 - t) * values[left] + t * values[right])
+        if v is None:
+            left = max((m for m in measured if m < i), default=None)
+            right = min((m for m in measured if m > i), default=None)
+            if left is None or right is None:
+                v = values[left if right is None else right]
+            else:
+                t = (i - left) / (right - left)
+                v = (1 - t) * values[left] + t * values[right]
+        out.append(v)
     return out
 
 

@@ -120,7 +120,6 @@ def cost_rows(study: dict) -> list[dict]:
     return rows
 
 
-EPS_COUNT = {"margin": 2, "gain": 1, "paper": 1}  # drift trajectories per injection block each definition follows
 
 
 def _interpolated(coefficients: list[float], chosen: list[int]) -> list[float]:
@@ -134,10 +133,11 @@ def stride_rows(study: dict) -> list[dict]:
     interpolate the rest; cost in probe-forward equivalents = (injections + trajectories x blocks followed) / blocks."""
     rows = []
     for key, case in sorted(study.get("grid", {}).items()):
-        for name, trajectories in EPS_COUNT.items():
-            full = case.get("coefficients", {}).get(name)
-            if full is None:
+        for name, full in case.get("coefficients", {}).items():
+            definition = absorb.DEFINITIONS[name]
+            if definition.composed:
                 continue
+            trajectories = len(definition.eps(1.0, 0.01))  # drift trajectories per injection block
             n = len(full)
             for stride in (2, 3, 4, 5):
                 chosen = sorted(set(range(0, n, stride)) | {n - 1})
@@ -159,7 +159,7 @@ def token_rows(study: dict) -> list[dict]:
         for name in case["tokens"].get("mean_of_parts", {}) or next(iter(parts.values()))["coefficients"]:
             rhos = [_spearman(case["coefficients"][name], t["coefficients"][name]) for t in parts.values()]
             first = next(iter(parts.values()))
-            equivalents = first["probe_cost"][_perturbation(name)]["equivalents"]
+            equivalents = first["probe_cost"][absorb.DEFINITIONS[name].perturbation or "pruning"]["equivalents"]
             mean = case["tokens"].get("mean_of_parts", {}).get(name)
             rows.append({"setting": key, "definition": name, "probe": f"1 of {first['of']} samples",
                          "equivalents": f"{equivalents:.1f}",
@@ -170,10 +170,6 @@ def token_rows(study: dict) -> list[dict]:
                          if name == best.split(":")[0] else "",
                          "full probe's": f"{case['runs'][best]['eval_ppl']:.2f}" if name == best.split(":")[0] else ""})
     return rows
-
-
-def _perturbation(name: str) -> str:
-    return "gaussian" if name == "paper" else "pruning"
 
 
 def _spread3(values: list[float]) -> str:
