@@ -12,13 +12,25 @@ calibration windows, disjoint from every draw) and every claim on the evaluation
 - `claims`, draws 0..D-1: the base, its best correction (definition x strength with the lowest selection PPL in the
   grid), the same correction from the probe truncated at `--horizon` (run for real, its cost measured) and from
   injections every `--stride` blocks interpolated in depth. Draw 0 reuses the grid's runs.
-Everything lands in bench/results/absorption_study.json (resumable: finished runs are kept; two processes, one per
-core with OMP_NUM_THREADS=1, may run different settings side by side); the tables are printed.
+Everything lands in bench/results/absorption_study.json (resumable: finished runs are kept, a grid given more
+definitions probes only the new ones, and claims whose grid pick changed are redone; two processes, one per core with
+OMP_NUM_THREADS=1, may run different settings side by side); the tables are printed. The JSON on record came from
+(each prefixed by `OMP_NUM_THREADS=1 .venv/bin/python bench/absorption.py`):
 
-    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.7 --bases atp,dlp
-    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.6 --bases uniform,atp --definitions margin,paper
-    .venv/bin/python bench/absorption.py --pruner wanda --sparsity 0.7 --bases atp --phases tokens
-    .venv/bin/python bench/absorption.py --report                 # only the tables, from the JSON
+    --pruner wanda --sparsity 0.7 --bases atp --definitions gain,composed,margin,paper --phases grid
+    --pruner wanda --sparsity 0.7 --bases atp --definitions gain,margin,paper --phases tokens
+    --pruner wanda --sparsity 0.7 --bases atp --phases claims --horizon 3 --stride 5
+    --pruner wanda --sparsity 0.7 --bases dlp --definitions gain,composed,margin,paper --phases grid
+    --pruner wanda --sparsity 0.7 --bases dlp --phases claims --horizon 0 --stride 5
+    --pruner wanda --sparsity 0.6 --bases uniform --definitions margin --phases grid,claims --horizon 0 --stride 0
+    --pruner wanda --sparsity 0.6 --bases atp,alpha,dlp --definitions margin,paper --phases grid,claims --horizon 0 --stride 5
+    --pruner wanda --sparsity 0.6 --bases owl --definitions '' --phases grid
+    --pruner wanda --sparsity 0.5 --bases uniform --definitions margin --phases grid,claims --horizon 0 --stride 5
+    --pruner sparsegpt --sparsity 0.7 --bases atp --definitions margin,paper --phases grid
+    --pruner sparsegpt --sparsity 0.7 --bases atp --definitions margin --phases claims --horizon 0 --stride 5
+    --pruner sparsegpt --sparsity 0.7 --bases owl --definitions margin --phases grid,claims --horizon 0 --stride 0
+    --pruner sparsegpt --sparsity 0.7 --bases uniform --definitions margin --phases grid
+    --report                 # only the tables, from the JSON
 """
 
 import argparse
@@ -145,10 +157,14 @@ def grid(h, study, key, pruner, sparsity, base_method, definitions, selection):
         return case
     runner, calib, profile, base, params = prepare(h, r)
     case["base"] = base
-    if definitions and "coefficients" not in case:  # no definitions: the base allocator alone, no probe
-        coefficients, cost, measured = probe_coefficients(runner, profile, base, r, definitions)
-        truncated = {k: truncated_coefficients(measured, k, r.absorption) for k in (2, 3, 4, 6, 8)}
-        case.update(coefficients=coefficients, truncated=truncated, probe_cost=cost)
+    missing = [d for d in definitions if d not in case.get("coefficients", {})]
+    if missing:  # only the definitions no earlier grid probed (none: the base allocator alone, no probe)
+        coefficients, cost, measured = probe_coefficients(runner, profile, base, r, missing)
+        for k in (2, 3, 4, 6, 8):
+            cut = truncated_coefficients(measured, k, r.absorption)
+            case.setdefault("truncated", {}).setdefault(str(k), {}).update(cut)
+        case.setdefault("coefficients", {}).update(coefficients)
+        case.setdefault("probe_cost", {}).update(cost)
     coefficients = case.get("coefficients")
     for name in wanted:
         if name not in case["runs"]:
@@ -188,6 +204,9 @@ def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride,
     definition, strength = best.split(":")[0], float(best.split(":")[1])
     for draw in range(first, draws):
         entry = study.setdefault("claims", {}).setdefault(key, {}).setdefault(str(draw), {"best": best})
+        if entry.get("best") != best:  # the grid grew (new definitions or a base-only study): its winner changed
+            entry = {"best": best, **({"base": entry["base"]} if "base" in entry else {})}
+            study["claims"][key][str(draw)] = entry
         cheaper = [n for n, on in (("cheap", horizon), ("stride", stride)) if on]  # 0 turns a cheaper probe off
         if all(n in entry for n in ("base", "corrected")) and (
                 all(n in entry for n in cheaper) or absorb.DEFINITIONS[definition].composed):
