@@ -29,7 +29,7 @@ OMP_NUM_THREADS=1, may run different settings side by side); the tables are prin
     --pruner sparsegpt --sparsity 0.7 --bases atp --definitions margin --phases grid,claims --horizon 0 --stride 5
     --pruner sparsegpt --sparsity 0.7 --bases atp --definitions margin,paper --phases grid   # after the claims
     --pruner sparsegpt --sparsity 0.7 --bases owl --definitions margin --phases grid,claims --horizon 0 --stride 0
-    --pruner sparsegpt --sparsity 0.7 --bases uniform --definitions margin --phases grid
+    --pruner sparsegpt --sparsity 0.7 --bases uniform --definitions margin --phases grid,claims --horizon 0 --stride 0
     --report                 # only the tables, from the JSON
 """
 
