@@ -40,7 +40,7 @@ import fcntl
 import json
 import os
 
-from absorption_tables import _interpolated
+from absorption_tables import _interpolated, perturbation
 from common import RESULTS, Harness, realised_sparsity, recipe, table, write
 
 from absorbdeploy import absorb, allocate, calibrate, data, probe
@@ -95,12 +95,6 @@ def prepare(h: Harness, r):
     base = allocate.base_allocation(r.allocation.method, scores, params, r.prune.sparsity, options, r.allocation.min,
                                     r.allocation.max)
     return runner, calib, profile, base, params
-
-
-def perturbation(name: str) -> str:
-    """What the probe injects for a definition in this study (the recipe default, the real pruning error, unless the
-    definition fixes its own)."""
-    return absorb.DEFINITIONS[name].perturbation or "pruning"
 
 
 def probe_coefficients(runner, profile, base, r, definitions, horizon: int | None = None):
@@ -237,8 +231,7 @@ def claims(h, study, key, pruner, sparsity, base_method, draws, horizon, stride,
             entry["cheap"] = score(h, runner, calib, corrected(definition, strength, base, cheap, params, r), r, selection)
             entry["cheap"]["horizon"] = horizon
         if stride and not absorb.DEFINITIONS[definition].composed and "stride" not in entry:  # injections every `stride` blocks
-            n = len(base)
-            sparse = {definition: _interpolated(coefficients[definition], sorted(set(range(0, n, stride)) | {n - 1}))}
+            sparse = {definition: _interpolated(coefficients[definition], stride)}
             entry["stride"] = score(h, runner, calib, corrected(definition, strength, base, sparse, params, r), r,
                                     selection)
             entry["stride"]["stride"] = stride

@@ -120,12 +120,17 @@ def cost_rows(study: dict) -> list[dict]:
     return rows
 
 
+def perturbation(name: str) -> str:
+    """What the probe injects for a definition in this study (the recipe default, the real pruning error, unless the
+    definition fixes its own)."""
+    return absorb.DEFINITIONS[name].perturbation or "pruning"
 
 
-def _interpolated(coefficients: list[float], chosen: list[int]) -> list[float]:
-    """What a probe with injections only at the `chosen` blocks gives (absorption.injection_stride): each measured
-    coefficient is the full probe's, the rest linear in depth."""
-    return absorb.interpolate([c if l in chosen else None for l, c in enumerate(coefficients)])
+def _interpolated(coefficients: list[float], stride: int) -> list[float]:
+    """What a probe injecting only at blocks 0, s, 2s, ... and the last gives (absorption.injection_stride, the blocks
+    probe.py injects at): each measured coefficient is the full probe's, the rest linear in depth."""
+    n = len(coefficients)
+    return absorb.interpolate([c if l % stride == 0 or l == n - 1 else None for l, c in enumerate(coefficients)])
 
 
 def stride_rows(study: dict) -> list[dict]:
@@ -140,11 +145,11 @@ def stride_rows(study: dict) -> list[dict]:
             trajectories = len(definition.eps(1.0, 0.01))  # drift trajectories per injection block
             n = len(full)
             for stride in (2, 3, 4, 5):
-                chosen = sorted(set(range(0, n, stride)) | {n - 1})
+                chosen = [l for l in range(n) if l % stride == 0 or l == n - 1]
                 cost = sum(1 + trajectories * (n - 1 - l) for l in chosen if l < n - 1) / n
                 rows.append({"setting": key, "definition": name, "injection stride": stride,
                              "equivalents": f"{cost:.1f}",
-                             "rank correlation with full": f"{_spearman(full, _interpolated(full, chosen)):.3f}"})
+                             "rank correlation with full": f"{_spearman(full, _interpolated(full, stride)):.3f}"})
     return rows
 
 
@@ -159,7 +164,7 @@ def token_rows(study: dict) -> list[dict]:
         for name in case["tokens"].get("mean_of_parts", {}) or next(iter(parts.values()))["coefficients"]:
             rhos = [_spearman(case["coefficients"][name], t["coefficients"][name]) for t in parts.values()]
             first = next(iter(parts.values()))
-            equivalents = first["probe_cost"][absorb.DEFINITIONS[name].perturbation or "pruning"]["equivalents"]
+            equivalents = first["probe_cost"][perturbation(name)]["equivalents"]
             mean = case["tokens"].get("mean_of_parts", {}).get(name)
             rows.append({"setting": key, "definition": name, "probe": f"1 of {first['of']} samples",
                          "equivalents": f"{equivalents:.1f}",
