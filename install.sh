@@ -35,5 +35,5 @@ fi
 "$VENV/bin/python" -c "from transformers import LlamaForCausalLM; import absorbdeploy.exporters as e; print('absorbdeploy installed; formats:', ', '.join(e.installed()))"
 # The bitmask-sparse CPU kernel (about 10 s of compiling, cached under ~/.cache/absorbdeploy/kernels). Without a
 # compiler this prints why and the kernel falls back to its pure-torch reference: the install still succeeds.
-"$VENV/bin/python" -m absorbdeploy.kernels build || true
+"$VENV/bin/python" -m absorbdeploy.sparse.kernels build || true
 echo "$WANT" > "$STAMP"

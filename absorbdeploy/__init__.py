@@ -1,7 +1,7 @@
 """absorbdeploy: absorption-aware layer-wise pruning, exported and verified in each runtime.
 
 `import absorbdeploy` is all a user needs before `AutoModelForCausalLM.from_pretrained(DIR/bitmask)`: it registers the
-served-sparse format with transformers (hf_bitmask.register) as soon as transformers is imported, and not before, so
+served-sparse format with transformers (sparse/hf.py: register) as soon as transformers is imported, and not before, so
 the CLI's --help and bad-input paths stay free of torch and transformers.
 """
 
@@ -15,7 +15,7 @@ from absorbdeploy.version import __version__  # noqa: F401
 
 def _register_with_transformers() -> None:
     try:
-        from absorbdeploy.hf_bitmask import register
+        from absorbdeploy.sparse.hf import register
 
         register()
     except Exception as e:  # never break the user's `import transformers`

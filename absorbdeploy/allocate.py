@@ -98,12 +98,17 @@ def project(sparsities, params, target: float, low: float, high: float) -> list[
     return [min(max(s + (lo_t + hi_t) / 2, low), high) for s in sparsities]
 
 
+def exact_budget(target: float, total: int) -> int:
+    """The number of weights a global sparsity S prunes from N: round(S * N), the one definition of the budget."""
+    return round(target * total)
+
+
 def integer_counts(block_sparsities, matrix_sizes, target: float) -> list[list[int]]:
     """Per-matrix prune counts: round(s_l n_m), residual to round(target N) by largest remainder. Sum is exact."""
     exact = [[s * n for n in sizes] for s, sizes in zip(block_sparsities, matrix_sizes)]
     counts = [[min(n, max(0, math.floor(e))) for e, n in zip(row, sizes)] for row, sizes in zip(exact, matrix_sizes)]
     total = sum(sum(sizes) for sizes in matrix_sizes)
-    wanted = round(target * total)
+    wanted = exact_budget(target, total)
     flat = [(exact[b][i] - counts[b][i], b, i) for b in range(len(counts)) for i in range(len(counts[b]))]
     residual = wanted - sum(map(sum, counts))
     order = sorted(flat, key=lambda t: t[0], reverse=residual > 0)

@@ -167,8 +167,6 @@ class _StatsHooks:
 
 def collect_stats(runner: BlockRunner, block, hidden, with_hessian: bool):
     """One forward of `block` over `hidden` with hooks; returns (block outputs, {linear name: InputStats})."""
-    import torch
-
     hooks = _StatsHooks(block, with_hessian)
     out = runner._buffer(hidden)
     try:

@@ -1,7 +1,7 @@
 """A checkpoint directory on disk, read and checked without loading a model (no torch import at module level).
 
-- `check_safetensors`: a file's header and offsets against its size. `check_index`: every file and tensor that
-  `model.safetensors.index.json` names exists. Both run in preflight, for in-memory and streaming runs alike.
+- `read_header`: a safetensors file's header, its offsets checked against the file's size (the one header parser).
+  `check_index`: every file and tensor that `model.safetensors.index.json` names exists. Both run in preflight, for in-memory and streaming runs alike.
 - `stored_layout`: what `quantization_config` declares. Dense weights and the bitmask layouts we decode
   (compressed-tensors `sparse-bitmask` / `sparse-24-bitmask` without quantization, our served-sparse format) are
   accepted; every other quantization (AWQ, GPTQ, FP8, quantized compressed-tensors, ...) is refused: pruning its
@@ -16,17 +16,15 @@ import re
 import struct
 from pathlib import Path
 
-from absorbdeploy.bitmask import LAYOUTS, PARTS, decode
 from absorbdeploy.errors import UserError
+from absorbdeploy.sparse.codec import LAYOUTS, PARTS, SERVED_SPARSE_METHOD, PackedFormatError, decode
 
 INDEX = "model.safetensors.index.json"
-SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-sparse format (same tensors as sparse-bitmask)
-MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
 FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 ALWAYS_IGNORABLE = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$")  # stale buffers transformers drops too
 
 
-def check_safetensors(file: Path) -> dict:
+def read_header(file: Path) -> dict:
     """Validate a safetensors header and offsets against the file size; returns the header."""
     try:
         size = file.stat().st_size
@@ -76,7 +74,7 @@ def check_index(folder: Path) -> dict[Path, dict]:
     """Every shard's header; with an index, every file it names must exist and hold the tensors it maps to it."""
     folder = Path(folder)
     if not (folder / INDEX).is_file():
-        return {file: check_safetensors(file) for file in weight_files(folder)}
+        return {file: read_header(file) for file in weight_files(folder)}
     by_file: dict[str, list[str]] = {}
     for tensor, file in _weight_map(folder).items():
         by_file.setdefault(file, []).append(tensor)
@@ -86,7 +84,7 @@ def check_index(folder: Path) -> dict[Path, dict]:
         if not path.is_file():
             raise UserError(f"{folder}: {INDEX} maps {len(tensors)} tensors (e.g. {tensors[0]}) to {file}, which is "
                             "missing; the checkpoint is incomplete")
-        headers[path] = check_safetensors(path)
+        headers[path] = read_header(path)
         absent = [t for t in tensors if t not in headers[path]]
         if absent:
             raise UserError(f"{folder}: {INDEX} says {file} holds {absent[0]}, but it does not; the checkpoint is damaged")
@@ -174,13 +172,16 @@ def consistency_problems(expected: dict, on_disk: dict, tied: dict[str, str], ig
 class ShardIndex:
     """tensor name -> safetensors file, for one checkpoint directory; compressed modules are decoded on read."""
 
-    def __init__(self, folder: Path, layout: str | None = None):
+    def __init__(self, folder: Path, layout: str | None = None, headers: dict[Path, dict] | None = None):
+        """`headers`: check_index's result for `folder`, when the caller has it (the shards are then not re-opened)."""
         from safetensors import safe_open
 
         self.folder, self.layout = Path(folder), layout
         self.map: dict[str, Path] = {}
         if (self.folder / INDEX).is_file():
             self.map = {k: self.folder / v for k, v in _weight_map(self.folder).items()}
+        elif headers is not None:
+            self.map = {k: file for file, header in sorted(headers.items()) for k in header if k != "__metadata__"}
         else:
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
@@ -210,8 +211,11 @@ class ShardIndex:
         result = {}
         for name in names:
             module = name[: -len(".weight")]
-            result[name] = (decode({p: raw[f"{module}.{p}"] for p in PARTS if f"{module}.{p}" in raw}, self.layout)
-                            if name in self.compressed else raw[name])
+            try:
+                result[name] = (decode({p: raw[f"{module}.{p}"] for p in PARTS if f"{module}.{p}" in raw}, self.layout)
+                                if name in self.compressed else raw[name])
+            except PackedFormatError as e:
+                raise UserError(f"{self.folder}: packed module {module} is damaged ({e})") from None
         return result
 
     def _read_raw(self, names) -> dict:

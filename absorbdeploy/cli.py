@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer with the real click
     from click.exceptions import NoArgsIsHelpError, UsageError
 
 from absorbdeploy.errors import UserError
+from absorbdeploy.sparse.codec import PackedFormatError
 
 app = typer.Typer(
     name="absorbdeploy",
@@ -104,7 +105,7 @@ def _finish(report: dict, console) -> None:
     from absorbdeploy.serve import command
 
     for fmt in dict.fromkeys(a["path"] for a in report["artefacts"].values()):  # every export vLLM serves
-        if any(engine == "vllm" for engine, _ in exporters.get(fmt).RUNTIMES.values()):
+        if any(r.engine == "vllm" for r in exporters.get(fmt).RUNTIMES.values()):
             typer.echo(f"serve:  {command(f'{out}/{fmt}')}")
     if report["exit_code"]:
         first = report["failed_gates"][0]
@@ -242,7 +243,7 @@ def main() -> None:
     warnings.simplefilter("default")
     try:
         code = app(standalone_mode=False)  # click returns typer.Exit's code instead of raising in this mode
-    except UserError as e:
+    except (UserError, PackedFormatError) as e:  # bad input; a damaged packed file is one too
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except typer.Exit as e:

@@ -155,7 +155,8 @@ def check_matches_disk(model, source: ModelSource) -> "checkpoint.ShardIndex":
     pair stored twice must hold the same values. transformers would fill a missing weight randomly (or silently untie)
     instead. Works on a meta-device skeleton too. Returns the checkpoint's ShardIndex."""
     folder = Path(source.path)
-    table = checkpoint.tensor_table(checkpoint.check_index(folder))
+    headers = source.headers if source.headers is not None else checkpoint.check_index(folder)
+    table = checkpoint.tensor_table(headers)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     tied = tied_aliases(model)
     ignorable = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
@@ -163,7 +164,7 @@ def check_matches_disk(model, source: ModelSource) -> "checkpoint.ShardIndex":
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise UserError(f"{source.name}: the checkpoint does not match its config.json: {problems[0]}{more}")
-    index = checkpoint.ShardIndex(folder, source.layout)
+    index = checkpoint.ShardIndex(folder, source.layout, headers)
     for alias, target in tied.items():
         if alias in table and target in table:
             pair = index.read([alias, target])
@@ -192,19 +193,25 @@ def check_weights(named_tensors, export_dtype: str) -> None:
                             "exporting would turn it into inf: set export.dtype to bfloat16 or float32")
 
 
+def round_to_export(tensor, export_dtype: str, into=None):
+    """`tensor` holding the values it will have on disk in `export_dtype` (float32: unchanged), as dtype `into`
+    (default: its own dtype). The one place weights are rounded to the export dtype, loaded whole or streamed."""
+    import torch
+
+    into = into or tensor.dtype
+    return (tensor if export_dtype == "float32" else tensor.to(getattr(torch, export_dtype))).to(into)
+
+
 def round_weights(model, dtype_name: str) -> dict:
     """Give every weight the value it will have on disk, keeping fp32 compute: all artefacts then hold the same numbers.
     Returns {changed, weights, max_abs_change}: how much the rounding moved the values."""
-    import torch
-
     changed = total = 0
     peak = 0.0
     if dtype_name != "float32":
-        dtype = getattr(torch, dtype_name)
         for p in model.parameters():
             if p.is_meta:  # streaming: blocks not in memory are rounded when they are read
                 continue
-            rounded = p.data.to(dtype).to(p.dtype)
+            rounded = round_to_export(p.data, dtype_name)
             moved = rounded != p.data
             changed, total = changed + int(moved.sum()), total + p.numel()
             if moved.any():

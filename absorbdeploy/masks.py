@@ -7,8 +7,6 @@ per-row comparison group holds and the matrix count is exact; `nm_mask` prunes N
 Selection uses kthvalue/topk only: no full sort, no loop over columns.
 """
 
-from absorbdeploy.errors import UserError
-
 
 def magnitude_scores(weight):
     return weight.abs().float()

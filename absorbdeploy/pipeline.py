@@ -3,19 +3,22 @@
 This is the only module that knows the order. `preflight` does every bad-input check that needs no model (recipe, model
 path, text files, formats, output directory), so a bad invocation fails in well under a second with nothing written.
 The run itself happens in `DIR.tmp/` and becomes `DIR/` only when complete. Methods are looked up in their tables
-(prune.PRUNERS, allocate.ALLOCATORS, absorb.DEFINITIONS, exporters.FORMATS); no method name is compared here.
+(prune.PRUNERS, allocate.ALLOCATORS, absorb.DEFINITIONS, exporters.FORMATS) through the prune plan (prune_plan.py);
+no method name is compared here.
 """
 
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from absorbdeploy import atomic, blocks, calibrate, data, exporters, load, plots, probe, report, stream, validate
+from absorbdeploy import atomic, blocks, calibrate, data, export_files, exporters, load, plots, probe, report, stream
+from absorbdeploy import validate
 from absorbdeploy import source as source_
-from absorbdeploy.allocate import ALLOCATORS, base_allocation
+from absorbdeploy.allocate import base_allocation
 from absorbdeploy.progress import Progress
-from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_from_profile, prune_sequential
-from absorbdeploy.recipe import ModelFacts, Recipe, check, settle, structure_name, to_yaml
+from absorbdeploy.prune_blocks import plan_counts, prune_from_profile, prune_sequential
+from absorbdeploy.prune_plan import PrunePlan
+from absorbdeploy.recipe import ModelFacts, Recipe, check_settled, settle, structure_name, to_yaml
 
 STAGES = ("load", "data", "calibrate", "allocate", "absorb", "prune", "export", "validate", "report")
 
@@ -40,7 +43,7 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool, trust_remote_code: boo
 
     source = source_.resolve_source(recipe.model, trust_remote_code)
     recipe, notes = settle(recipe, ModelFacts(source.context, source.dtype))
-    check(recipe)
+    check_settled(recipe)
     if probe_all:
         check_probe(recipe)
     data.check_context(source.context, max(recipe.calibration.seqlen, recipe.validate.seqlen))
@@ -67,8 +70,8 @@ def run(plan: Plan, progress: Progress) -> dict:
             streaming = lm.store is not None
             formats = _formats_for(plan, streaming)
             if streaming:
-                limit = stream.streaming_shard_bytes(r.export.max_shard_size)
-                lm.store.writer = stream.ShardWriter(work / exporters.CHECKPOINT_FORMAT, limit)
+                limit = export_files.streaming_shard_bytes(r.export.max_shard_size)
+                lm.store.writer = export_files.ShardWriter(work / exporters.CHECKPOINT_FORMAT, limit)
 
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             corpus, calib, evals = load_data(lm, r)
@@ -154,44 +157,44 @@ def load_data(lm, r: Recipe):
 
 def prune_model(lm, calib, r: Recipe, progress: Progress, profile=None) -> PruneOutcome:
     """calibrate -> allocate -> absorb -> prune, in place on lm.model. A cached dense `profile` may be passed in."""
-    spec, allocator = PruneSpec.of(r.prune), ALLOCATORS[r.allocation.method]
-    pruner = spec.pruner
-    if spec.nm is not None:
-        blocks.check_nm(lm.blocks, spec.nm)
-    runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size, store=lm.store)
-    dense_stats = r.calibration.statistics == "dense" and pruner.needs != "nothing"
-    needs_profile = allocator.needs_norms or r.absorption.enabled or dense_stats
-    with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"
-                        if needs_profile and profile is None else "no dense pass needed"):
-        if needs_profile and profile is None:
-            states = (r.absorption.probe_samples, r.absorption.probe_seqlen) if r.absorption.enabled else None
-            hessian = pruner.needs == "hessian" and (dense_stats or r.absorption.enabled)
-            profile = calibrate.dense_profile(runner, calib, hessian, states, progress.blocks("dense pass"))
+    p = PrunePlan.of(r)
+    if p.spec.nm is not None:
+        blocks.check_nm(lm.blocks, p.spec.nm)
+    runner, profile, params, scores, base = _dense_pass_and_allocation(lm, calib, p, r, progress, profile)
 
-    params = [sum(s) for s in blocks.matrix_sizes(lm.blocks)]
-    target, a = r.prune.sparsity, r.allocation
-    options = getattr(a, r.allocation.method, None)
-    with progress.stage("allocate", r.allocation.method):
-        scores = calibrate.block_scores(runner, allocator, profile.stats if profile else None, options)
-        base = base_allocation(r.allocation.method, scores, params, target, options, a.min, a.max)
-
-    with progress.stage("absorb", "enabled" if r.absorption.enabled else "disabled"):
+    with progress.stage("absorb", "enabled" if p.absorption else "disabled"):
         final, absorption = base, None
-        if r.absorption.enabled:
-            mode = r.absorption.mode if r.absorption.mode != "auto" else allocator.correction
-            final, absorption = probe.correct_allocation(runner, profile, base, params, target, spec, r.absorption, mode,
-                                                         a.min, a.max, r.calibration.seed, progress)
+        if p.absorption:
+            final, absorption = probe.correct_allocation(runner, profile, base, params, p.sparsity, p.spec, r.absorption,
+                                                         p.correction, p.low, p.high, r.calibration.seed, progress)
 
-    with progress.stage("prune", f"{r.prune.method} {structure_name(spec.nm)}, {r.calibration.statistics} statistics"):
-        counts = plan_counts(lm.blocks, final, target)
+    with progress.stage("prune", f"{r.prune.method} {structure_name(p.spec.nm)}, {r.calibration.statistics} statistics"):
+        counts = plan_counts(lm.blocks, final, p.sparsity)
         commit = (lambda k: lm.store.commit(k, r.export.dtype)) if lm.store is not None else None
-        if pruner.needs == "nothing" or r.calibration.statistics == "dense":
-            records = prune_from_profile(runner, profile.stats if profile else None, counts, spec, progress.blocks("prune"),
+        if p.from_dense_pass:
+            records = prune_from_profile(runner, profile.stats if profile else None, counts, p.spec, progress.blocks("prune"),
                                          commit)
         else:
-            records = prune_sequential(runner, calib, counts, spec, progress.blocks("sequential prune"), commit)
+            records = prune_sequential(runner, calib, counts, p.spec, progress.blocks("sequential prune"), commit)
         load.round_weights(lm.model, r.export.dtype)
-    return PruneOutcome(params, scores, base, final, absorption, records, profile, needs_profile)
+    return PruneOutcome(params, scores, base, final, absorption, records, profile, p.needs_dense_pass)
+
+
+def _dense_pass_and_allocation(lm, calib, p: PrunePlan, r: Recipe, progress: Progress, profile=None):
+    """The dense pass (when the plan needs it and no cached `profile` is given) and the base allocation; returns
+    (runner, profile, params per block, the allocator's scores, the base sparsities)."""
+    runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size, store=lm.store)
+    run_pass = p.needs_dense_pass and profile is None
+    with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"
+                        if run_pass else "no dense pass needed"):
+        if run_pass:
+            profile = calibrate.dense_profile(runner, calib, p.dense_pass_hessian, p.probe_states,
+                                              progress.blocks("dense pass"))
+    params = [sum(s) for s in blocks.matrix_sizes(lm.blocks)]
+    with progress.stage("allocate", p.allocation):
+        scores = calibrate.block_scores(runner, p.allocator, profile.stats if profile else None, p.allocation_options)
+        base = base_allocation(p.allocation, scores, params, p.sparsity, p.allocation_options, p.low, p.high)
+    return runner, profile, params, scores, base
 
 
 def analyze(plan: Plan, progress: Progress) -> dict:
@@ -204,20 +207,11 @@ def analyze(plan: Plan, progress: Progress) -> dict:
             lm, _ = load_model(plan, progress)
         with progress.stage("data", r.calibration.text or data.PROTOCOL):
             _, calib, _ = load_data(lm, r)
-        spec, allocator = PruneSpec.of(r.prune), ALLOCATORS[r.allocation.method]
-        runner = calibrate.BlockRunner(lm.model, lm.blocks, r.calibration.batch_size, store=lm.store)
-        with progress.stage("calibrate", f"{calib.shape[0]} x {calib.shape[1]} tokens, dense statistics pass"):
-            profile = calibrate.dense_profile(runner, calib, spec.pruner.needs == "hessian",
-                                              (r.absorption.probe_samples, r.absorption.probe_seqlen), progress.blocks("dense pass"))
-        params = [sum(s) for s in blocks.matrix_sizes(lm.blocks)]
-        a, options = r.allocation, getattr(r.allocation, r.allocation.method, None)
-        with progress.stage("allocate", r.allocation.method):
-            scores = calibrate.block_scores(runner, allocator, profile.stats, options)
-            base = base_allocation(r.allocation.method, scores, params, r.prune.sparsity, options, a.min, a.max)
+        p = PrunePlan.of(r, probe_all=True)
+        runner, profile, params, scores, base = _dense_pass_and_allocation(lm, calib, p, r, progress)
         with progress.stage("absorb", "probe at every block, three eps, Gaussian control"):
-            mode = r.absorption.mode if r.absorption.mode != "auto" else allocator.correction
-            result = probe.profile_all(runner, profile, base, params, r.prune.sparsity, spec, r.absorption, mode, a.min,
-                                       a.max, r.calibration.seed, progress)
+            result = probe.profile_all(runner, profile, base, params, p.sparsity, p.spec, r.absorption, p.correction,
+                                       p.low, p.high, r.calibration.seed, progress)
             result["model"] = plan.source.name
             result["scores"] = scores
             plots.write_absorption(work, result)
@@ -241,9 +235,9 @@ def revalidate(directory: Path, progress: Progress) -> dict:
         reference = _reference_from(folder, formats)
     with progress.stage("data", r.calibration.text or data.PROTOCOL):
         _, _, evals = load_data(lm, r)
-    prunable = exporters.read_sidecar(folder / formats[0])["prunable"]
+    prunable = export_files.read_sidecar(folder / formats[0])["prunable"]
     specs = {f: exporters.spec_for(f, r.export, prunable, r.prune.structure) for f in formats}
-    artefacts = {f: exporters.Artifact(f, str(folder / f), exporters.list_files(folder / f),
+    artefacts = {f: exporters.Artifact(f, str(folder / f), export_files.list_files(folder / f),
                                        old["artefacts"].get(f, {}).get("export_seconds", 0.0)) for f in formats}
     with progress.stage("validate", f"{evals.shape[0]} x {evals.shape[1]} evaluation tokens"):
         from absorbdeploy.runners import TorchRunner

@@ -12,7 +12,7 @@ import time
 from absorbdeploy import absorb
 from absorbdeploy.allocate import integer_counts
 from absorbdeploy.blocks import prunable_linears
-from absorbdeploy.prune_blocks import PruneSpec
+from absorbdeploy.prune_plan import PruneSpec
 
 
 class _Pruned:

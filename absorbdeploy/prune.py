@@ -7,9 +7,18 @@ exactly k zeros, or N of every M consecutive inputs of each row. Adding a pruner
 """
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 from absorbdeploy import masks, sparsegpt
+
+
+class Statistic(str, Enum):
+    """The calibration statistic a pruner reads."""
+
+    NOTHING = "nothing"
+    NORMS = "norms"  # sum_t x_tj^2 per input j
+    HESSIAN = "hessian"  # sum_t x_t x_t^T
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Pruner:
-    needs: str  # "nothing" | "norms" | "hessian"
+    needs: Statistic
     prepare: Callable  # (sq_sum [in] | None, hessian [in, in] | None, options) -> Prepared
     prune: Callable  # (weight [out, in], Prepared, k: int, nm: (N, M) | None, options) -> fp32 weight
     options: str | None  # the recipe's options section for this pruner (prune.<options>), if any
@@ -60,9 +69,9 @@ def _sparsegpt(weight, prepared: Prepared, k: int, nm, options):
 
 
 PRUNERS = {
-    "magnitude": Pruner("nothing", _nothing, _magnitude, None, "|W|, one threshold per matrix (Han et al.)"),
-    "wanda": Pruner("norms", _norms, _wanda, None, "|W| ||x||, per output row (Sun et al. 2023)"),
-    "sparsegpt": Pruner("hessian", _factor, _sparsegpt, "sparsegpt", "OBS updates, block 128 (Frantar & Alistarh 2023)"),
+    "magnitude": Pruner(Statistic.NOTHING, _nothing, _magnitude, None, "|W|, one threshold per matrix (Han et al.)"),
+    "wanda": Pruner(Statistic.NORMS, _norms, _wanda, None, "|W| ||x||, per output row (Sun et al. 2023)"),
+    "sparsegpt": Pruner(Statistic.HESSIAN, _factor, _sparsegpt, "sparsegpt", "OBS updates, block 128 (Frantar & Alistarh 2023)"),
 }
 
 

@@ -7,27 +7,11 @@ block l+1). `prune_from_profile` prunes every block from the dense pass's statis
 Linears is round(S N) / N to the weight. `commit(k)` is called once block k is final (streaming writes it to disk then).
 """
 
-from dataclasses import dataclass
-
 from absorbdeploy.allocate import integer_counts
 from absorbdeploy.blocks import matrix_sizes, prunable_linears
 from absorbdeploy.calibrate import BlockRunner, collect_stats
-from absorbdeploy.prune import PRUNERS, MatrixRecord, Pruner, relative_error
-
-
-@dataclass(frozen=True)
-class PruneSpec:
-    """A pruner from prune.PRUNERS with its options section (or None) and the N:M structure (or None)."""
-
-    pruner: Pruner
-    options: object = None
-    nm: tuple[int, int] | None = None
-
-    @classmethod
-    def of(cls, section) -> "PruneSpec":
-        """From a recipe's prune section: its method's table entry, that method's options section, the structure."""
-        pruner = PRUNERS[section.method]
-        return cls(pruner, getattr(section, pruner.options) if pruner.options else None, section.structure)
+from absorbdeploy.prune import MatrixRecord, Statistic, relative_error
+from absorbdeploy.prune_plan import PruneSpec
 
 
 def plan_counts(blocks, block_sparsities, target: float) -> list[dict[str, int]]:
@@ -64,7 +48,7 @@ def prune_sequential(runner: BlockRunner, windows, counts, spec: PruneSpec, prog
     hidden = runner.embed(windows)
     for index in range(len(runner.blocks)):
         with runner.block(index) as block:
-            _, stats = collect_stats(runner, block, hidden, spec.pruner.needs == "hessian")
+            _, stats = collect_stats(runner, block, hidden, spec.statistic == Statistic.HESSIAN)
             records += prune_block(index, block, stats, counts[index], spec)
             del stats
             if commit is not None:

@@ -16,7 +16,7 @@ import yaml
 
 from absorbdeploy.errors import UserError
 
-from absorbdeploy.recipe_rules import NM, ModelFacts, check, parse_nm, settle, structure_name  # noqa: F401  (the recipe's API)
+from absorbdeploy.recipe_rules import NM, ModelFacts, check, check_settled, parse_nm, settle, structure_name  # noqa: F401  (the recipe's API)
 
 RECIPE_VERSION = 1
 

@@ -99,8 +99,13 @@ def structure_name(nm: NM | None) -> str:
 
 
 def check(r) -> None:
-    """Value and cross-field rules of the settled recipe; raises UserError on the first violation."""
-    r, _ = settle(r)
+    """Value and cross-field rules of a recipe as given (its following defaults settled without model facts); raises
+    UserError on the first violation."""
+    check_settled(settle(r)[0])
+
+
+def check_settled(r) -> None:
+    """The rules of `check` on a recipe that `settle` has already filled in (preflight settles it against the model)."""
     c, p, a, ab, e, v = r.calibration, r.prune, r.allocation, r.absorption, r.export, r.validate
     _choice("device", r.device, ("auto", "cpu", "cuda"))
     _choice("calibration.statistics", c.statistics, ("sequential", "dense"))

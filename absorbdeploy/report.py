@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from absorbdeploy.version import __version__
+from absorbdeploy.allocate import exact_budget
 from absorbdeploy.recipe import structure_name, to_dict
 
 SCHEMA = "absorbdeploy.report/1"
@@ -31,15 +32,16 @@ def allocation_section(recipe, outcome) -> dict:
         for i in range(len(params))
     ]
     zeros, total = sum(zeros_by_block), sum(params)
+    budget = exact_budget(recipe.prune.sparsity, total)
     errors = [r.rel_error for r in records if r.rel_error is not None]
     return {
         "method": recipe.allocation.method,
         "target": recipe.prune.sparsity,
-        "target_zeros": round(recipe.prune.sparsity * total),
+        "target_zeros": budget,
         "zeros": zeros,
         "weights": total,
         "realised": zeros / total,
-        "exact": zeros == round(recipe.prune.sparsity * total),
+        "exact": zeros == budget,
         "blocks": rows,
         "mean_rel_error": sum(errors) / len(errors) if errors else None,
         "dampening_retries": sum(1 for r in records if r.dampening and r.dampening > recipe.prune.sparsegpt.dampening),

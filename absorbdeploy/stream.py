@@ -7,30 +7,14 @@ of the `vllm/` export, so the whole pruned model never exists in memory either. 
 calibration activations and one Hessian, whatever the model's size.
 """
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from absorbdeploy.blocks import decoder_blocks
 from absorbdeploy.checkpoint import ShardIndex
 from absorbdeploy.errors import UserError
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> bytes (recipe values such as export.max_shard_size are checked with the same pattern)."""
-    import re
-
-    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(\w+)", text).groups()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
-    return int(float(number) * scale)
-
-
-STREAMING_SHARD_CAP = 512 * 2**20
-
-
-def streaming_shard_bytes(max_shard_size: str) -> int:
-    """A shard's tensors wait in memory until the shard is written, so streaming mode caps shards at 512 MiB whatever
-    export.max_shard_size asks for (vLLM and transformers read any number of shards)."""
-    return min(parse_size(max_shard_size), STREAMING_SHARD_CAP)
+from absorbdeploy.export_files import ShardWriter
+from absorbdeploy.load import LoadedModel, check_matches_disk, check_weights, round_to_export, source_config
 
 
 def memory_budget_bytes(budget_gb: float | None, device) -> int:
@@ -44,47 +28,6 @@ def memory_budget_bytes(budget_gb: float | None, device) -> int:
     import psutil
 
     return psutil.virtual_memory().available // 2
-
-
-class ShardWriter:
-    """Writes tensors into `model-XXXXX-of-YYYYY.safetensors` shards as they arrive, then the index."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder, self.limit = Path(folder), max_shard_bytes
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.pending, self.size, self.files, self.map, self.total = {}, 0, [], {}, 0
-
-    def add(self, tensors: dict, group: bool = False) -> None:
-        """Add tensors; with `group`, they all land in the same shard (a compressed module's parts stay together)."""
-        items = [tensors] if group else [{k: v} for k, v in tensors.items()]
-        for part in items:
-            nbytes = sum(t.numel() * t.element_size() for t in part.values())
-            if self.pending and self.size + nbytes > self.limit:
-                self._flush()
-            self.pending.update({k: t.detach().to("cpu").contiguous() for k, t in part.items()})
-            self.size += nbytes
-            self.total += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, self.folder / name, metadata={"format": "pt"})
-        self.files.append(name)
-        self.map.update({k: name for k in self.pending})
-        self.pending, self.size = {}, 0
-
-    def finish(self) -> None:
-        if self.pending:
-            self._flush()
-        n = len(self.files)
-        final = {old: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i, old in enumerate(self.files)}
-        for old, new in final.items():
-            (self.folder / old).rename(self.folder / new)
-        self.map = {k: final[v] for k, v in self.map.items()}
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.map.items()))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 class BlockStore:
@@ -106,14 +49,12 @@ class BlockStore:
         return [self.prefixes[k] + n for n, _ in self.blocks[k].named_parameters()]
 
     def load(self, k: int, from_folder: Path | None = None) -> None:
-        import torch
-
         index = self.index if from_folder is None else self._indexes.setdefault(Path(from_folder), ShardIndex(from_folder))
         tensors = index.read(self.names(k))
         for local, _ in list(self.blocks[k].named_parameters()):
             value = tensors[self.prefixes[k] + local]
-            if self.round_to and self.round_to != "float32":
-                value = value.to(getattr(torch, self.round_to))
+            if self.round_to:
+                value = round_to_export(value, self.round_to, self.dtype)
             _set(self.blocks[k], local, value.to(self.device, self.dtype))
         self.reads += 1
 
@@ -148,8 +89,6 @@ def load_streaming(source, device, round_to: str, trust_remote_code: bool = Fals
     """A LoadedModel whose blocks stay on the meta device until a stage reads them from the shards."""
     from transformers.utils import logging as hf_logging
 
-    from absorbdeploy.load import LoadedModel
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     model, tokenizer, blocks, store = open_skeleton(source, device, round_to, trust_remote_code, dtype)
@@ -160,9 +99,6 @@ def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False
     """The model on meta with every non-block tensor real; returns (model, tokenizer, blocks, store)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from absorbdeploy.blocks import decoder_blocks
-    from absorbdeploy.load import check_matches_disk, source_config
 
     if source.kind not in ("dir", "hub"):
         raise UserError(f"streaming needs a safetensors checkpoint directory; {source.name} is {source.kind}. "
@@ -178,9 +114,7 @@ def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False
     block_names = {n for k in range(len(blocks)) for n in store.names(k)}
     rest = [n for n, _ in model.named_parameters() if n not in block_names]
     for name, value in index.read([n for n in rest if n in index]).items():
-        if round_to != "float32":
-            value = value.to(getattr(torch, round_to))
-        _set(model, name, value.to(device, dtype or torch.float32))
+        _set(model, name, round_to_export(value, round_to, dtype or torch.float32).to(device))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     for name, buffer in list(model.named_buffers()):  # rotary tables were built on meta: rebuild them for real
@@ -195,8 +129,6 @@ def open_skeleton(source, device, round_to: str, trust_remote_code: bool = False
 
 def scan_source(index: ShardIndex, export_dtype: str) -> None:
     """The streaming twin of load.check_weights: every stored tensor, one at a time, before any work starts."""
-    from absorbdeploy.load import check_weights
-
     for name in index.names:
         check_weights(index.read([name]).items(), export_dtype)
 
@@ -251,12 +183,10 @@ class StreamedRunner:
 
 def fp32_bytes(source) -> int | None:
     """What the model weighs in memory in fp32, from the safetensors headers (no weight is read)."""
-    from absorbdeploy.checkpoint import check_index, tensor_table
-
     if source.kind not in ("dir", "hub"):
         return None
     total = 0
-    for _, shape in tensor_table(check_index(Path(source.path))).values():
+    for _, shape in source.tensors.values():
         n = 1
         for d in shape:
             n *= d

@@ -6,7 +6,7 @@ model is scored too (PPL ratio) and both are timed side by side, interleaved.
 from dataclasses import dataclass
 from pathlib import Path
 
-from absorbdeploy import compare, latency
+from absorbdeploy import compare, export_files, latency
 from absorbdeploy.runners import Runner, TorchRunner
 
 
@@ -44,7 +44,7 @@ def device_description() -> dict:
     info = {"torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
-    kernels = sys.modules.get("absorbdeploy.kernels")
+    kernels = sys.modules.get("absorbdeploy.sparse.kernels")
     if kernels is not None:  # the bitmask format ran: which kernel backend and ISA path served it
         info["bitmask_kernel"] = {"backend": kernels.ensure_loaded(), "path": kernels.active_path()}
     return info
@@ -63,8 +63,8 @@ def entries(artefacts: dict) -> dict:
 
     found = {}
     for fmt in artefacts:
-        for i, (runtime, (_, modules)) in enumerate(exporters.get(fmt).RUNTIMES.items()):
-            if all(importlib.util.find_spec(m) is not None for m in modules):
+        for i, (runtime, entry) in enumerate(exporters.get(fmt).RUNTIMES.items()):
+            if all(importlib.util.find_spec(m) is not None for m in entry.modules):
                 found[fmt if i == 0 else f"{fmt} ({runtime})"] = (fmt, runtime)
     return found
 
@@ -94,7 +94,7 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
                     continue  # streaming: compared tensor by tensor below, never loaded whole
                 runners[name] = module.load(artefacts[fmt].path, opts)
                 if v.latency.enabled and module.TIMED:
-                    engine = module.RUNTIMES[runtime][0]
+                    engine = module.RUNTIMES[runtime].engine
                     key = engine if module.SERVES_CHECKPOINT else name  # one plain-checkpoint baseline per engine
                     if key not in baseline_runners:
                         baseline = _dense_baseline(module, subjects, tokenizer, specs[fmt], workdir / key.replace(" ", "_"))
@@ -156,17 +156,15 @@ def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):
     """(path, bytes) of the dense model in this format, or None where there is none to time against."""
     import dataclasses
 
-    from absorbdeploy import exporters
-
     if subjects.dense_model is not None:  # the dense model as a plain checkpoint where the runtime serves one
         dense_spec = dataclasses.replace(spec, sidecar={"baseline": "dense"}, streamed=None, checkpoint=None)
         if module.SERVES_CHECKPOINT:
-            exporters.write_checkpoint(subjects.dense_model, tokenizer, folder, dense_spec)
-            return str(folder), sum(exporters.list_files(folder).values())
+            export_files.write_checkpoint(subjects.dense_model, tokenizer, folder, dense_spec)
+            return str(folder), sum(export_files.list_files(folder).values())
         artefact = module.export(subjects.dense_model, tokenizer, folder, dense_spec)
         return artefact.path, artefact.bytes
     if module.SERVES_CHECKPOINT and subjects.dense_checkpoint is not None:
-        files = exporters.list_files(subjects.dense_checkpoint)
+        files = export_files.list_files(subjects.dense_checkpoint)
         return str(subjects.dense_checkpoint), sum(files.values())
     return None
 

@@ -15,7 +15,7 @@ calibration windows, disjoint from every draw) and every claim on the evaluation
 Everything lands in bench/results/absorption_study.json (resumable: finished runs are kept, a grid given more
 definitions probes only the new ones, and claims whose grid pick changed are redone; two processes, one per core with
 OMP_NUM_THREADS=1, may run different settings side by side); the tables are printed. The JSON on record came from
-(each prefixed by `OMP_NUM_THREADS=1 .venv/bin/python bench/absorption.py`):
+(each prefixed by `OMP_NUM_THREADS=1 .venv/bin/python -m bench.absorption`):
 
     --pruner wanda --sparsity 0.7 --bases atp --definitions gain,composed,margin,paper --phases grid
     --pruner wanda --sparsity 0.7 --bases atp --definitions gain,margin,paper --phases tokens
@@ -40,13 +40,14 @@ import fcntl
 import json
 import os
 
-from absorption_tables import _interpolated, perturbation
-from common import RESULTS, Harness, realised_sparsity, recipe, table, write
+from .absorption_tables import _interpolated, perturbation
+from .common import RESULTS, Harness, realised_sparsity, recipe, write
 
 from absorbdeploy import absorb, allocate, calibrate, data, probe
 from absorbdeploy.allocate import ALLOCATORS
 from absorbdeploy.blocks import matrix_sizes
-from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_sequential
+from absorbdeploy.prune_blocks import plan_counts, prune_sequential
+from absorbdeploy.prune_plan import PrunePlan, PruneSpec
 
 STRENGTHS = (0.02, 0.05, 0.08, 0.12)
 PATH = RESULTS / "absorption_study.json"
@@ -86,14 +87,12 @@ def prepare(h: Harness, r):
     """Dense pass and base allocation for recipe `r`: (runner, calibration windows, profile, base, params)."""
     h.reset()
     calib = h.calib(r)
-    spec, ab = PruneSpec.of(r.prune), r.absorption
+    p = PrunePlan.of(r, probe_all=True)
     runner = calibrate.BlockRunner(h.lm.model, h.lm.blocks, r.calibration.batch_size)
-    profile = calibrate.dense_profile(runner, calib, spec.pruner.needs == "hessian", (ab.probe_samples, ab.probe_seqlen))
+    profile = calibrate.dense_profile(runner, calib, p.dense_pass_hessian, p.probe_states)
     params = [sum(s) for s in matrix_sizes(h.lm.blocks)]
-    allocator, options = ALLOCATORS[r.allocation.method], getattr(r.allocation, r.allocation.method, None)
-    scores = calibrate.block_scores(runner, allocator, profile.stats, options)
-    base = allocate.base_allocation(r.allocation.method, scores, params, r.prune.sparsity, options, r.allocation.min,
-                                    r.allocation.max)
+    scores = calibrate.block_scores(runner, p.allocator, profile.stats, p.allocation_options)
+    base = allocate.base_allocation(p.allocation, scores, params, p.sparsity, p.allocation_options, p.low, p.high)
     return runner, calib, profile, base, params
 
 
@@ -309,7 +308,7 @@ def main() -> None:
             if "claims" in args.phases:
                 claims(h, study, key, args.pruner, args.sparsity, base_method, args.draws, args.horizon, args.stride,
                        selection, args.first_draw)
-    from absorption_tables import print_tables
+    from .absorption_tables import print_tables
 
     print_tables(study)
 

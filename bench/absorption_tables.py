@@ -2,7 +2,7 @@
 
 import statistics
 
-from common import table
+from .common import table
 
 from absorbdeploy import absorb
 

@@ -5,14 +5,14 @@ SparseGPT at 70 %. Perplexity on the evaluation split, realised sparsity, per-st
 repeated over `--draws` disjoint calibration draws (windows [d*32, (d+1)*32) of the calibration split) because a 135M
 model at high sparsity moves by 10-40 % under negligible-looking changes (design §6); the table shows mean [min, max].
 
-    .venv/bin/python bench/allocators.py [--draws 3] [--only owl,alpha] [--eval-windows 16]
-    .venv/bin/python bench/allocators.py --sparsity 0.5 --pruners sparsegpt --selection-windows 8   # the default's choice
+    .venv/bin/python -m bench.allocators [--draws 3] [--only owl,alpha] [--eval-windows 16]
+    .venv/bin/python -m bench.allocators --sparsity 0.5 --pruners sparsegpt --selection-windows 8   # the default's choice
 """
 
 import argparse
 import json
 
-from common import RESULTS, Harness, recipe, spread, table, write
+from .common import RESULTS, Harness, recipe, spread, table, write
 
 UNIFORM = [(m, s) for s in (0.5, 0.6, 0.7) for m in ("magnitude", "wanda", "sparsegpt")]
 LAYERWISE = [(a, m) for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "alpha", "dlp", "atp")]

@@ -4,21 +4,20 @@ dense-pass caching per calibration draw, and the JSON + table output every scrip
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from absorbdeploy import data, load, pipeline  # noqa: E402
-from absorbdeploy.blocks import prunable_linears  # noqa: E402
-from absorbdeploy.source import resolve_source  # noqa: E402
-from absorbdeploy.progress import Progress  # noqa: E402
-from absorbdeploy.recipe import Recipe, override, settle  # noqa: E402
-from absorbdeploy.report import environment  # noqa: E402
-from absorbdeploy.runners import TorchRunner, perplexity  # noqa: E402
+from absorbdeploy import data, load, pipeline
+from absorbdeploy.allocate import exact_budget
+from absorbdeploy.blocks import prunable_linears
+from absorbdeploy.prune_plan import PrunePlan
+from absorbdeploy.source import resolve_source
+from absorbdeploy.progress import Progress
+from absorbdeploy.recipe import Recipe, override, settle
+from absorbdeploy.report import environment
+from absorbdeploy.runners import TorchRunner, perplexity
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,8 +65,8 @@ class Harness:
         `selection` windows are given), realised sparsity and stage times."""
         self.reset()
         progress = Progress(9, quiet=True)
-        key = (r.calibration.draw, r.calibration.nsamples, r.prune.method == "sparsegpt" and r.absorption.enabled,
-               (r.absorption.probe_samples, r.absorption.probe_seqlen) if r.absorption.enabled else None)
+        plan = PrunePlan.of(r)  # the dense profile is reusable across runs that need the same one
+        key = (r.calibration.draw, r.calibration.nsamples, plan.dense_pass_hessian, plan.probe_states)
         start = time.perf_counter()
         outcome = pipeline.prune_model(self.lm, self.calib(r), r, progress, profile=self.profiles.get(key))
         seconds = time.perf_counter() - start
@@ -75,7 +74,7 @@ class Harness:
             self.profiles[key] = outcome.profile
         zeros, total = realised_sparsity(self.lm.blocks)
         result = {"selection_ppl": self.ppl(selection)} if selection is not None else {}
-        return {**result, "ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == round(r.prune.sparsity * total),
+        return {**result, "ppl": self.ppl(eval_windows), "realised": zeros / total, "exact": zeros == exact_budget(r.prune.sparsity, total),
                 "seconds": seconds, "stages": {k: v["seconds"] for k, v in progress.stages.items()},
                 "peak_rss_mb": {k: v["peak_rss_mb"] for k, v in progress.stages.items()},
                 "final": outcome.final, "base": outcome.base, "absorption": outcome.absorption}

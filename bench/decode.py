@@ -14,8 +14,8 @@ absorbdeploy plugin, batch 1 and 8, engine start time and resident memory.
 Models: `smollm2` (the embedded SmolLM2-135M-Instruct, saved as a bf16 checkpoint first) and `tinyllama`, a random
 Llama with TinyLlama-1.1B's shape (hidden 2048, 22 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000).
 
-    .venv/bin/python bench/decode.py                                  # both models at 50 and 70 %
-    .venv/bin/python bench/decode.py --models smollm2 --sparsities 0.7 --iters 3 --new-tokens 32   # quick
+    .venv/bin/python -m bench.decode                                  # both models at 50 and 70 %
+    .venv/bin/python -m bench.decode --models smollm2 --sparsities 0.7 --iters 3 --new-tokens 32   # quick
 """
 
 import argparse
@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import decode_vllm
-from common import RESULTS, table, write
+from . import decode_vllm
+from .common import RESULTS, table, write
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("dense float32", "dense bfloat16", "sparse float32", "sparse bfloat16")
@@ -107,7 +107,7 @@ def load_variant(variant: str, dense: Path, sparse: Path):
 def linear_bytes(model) -> int:
     """Bytes of the decoder Linears' weights as held (dense weight or packed buffers)."""
     from absorbdeploy.blocks import prunable_linears
-    from absorbdeploy.sparse_linear import BitmaskLinear
+    from absorbdeploy.sparse.linear import BitmaskLinear
 
     total = 0
     for block in model.model.layers:
@@ -123,7 +123,7 @@ def time_variants(dense: Path, sparse: Path, new_tokens: int, warmup: int, iters
 
     from absorbdeploy.latency import summarise
     from absorbdeploy.runners import TorchRunner
-    from absorbdeploy.sparse_linear import densify, resident_weight_bytes
+    from absorbdeploy.sparse.linear import densify, resident_weight_bytes
 
     models = {v: load_variant(v, dense, sparse) for v in VARIANTS}
     runners = {v: TorchRunner(m, 1) for v, m in models.items()}
@@ -150,7 +150,7 @@ def time_variants(dense: Path, sparse: Path, new_tokens: int, warmup: int, iters
 def peak_rss(variant: str, dense: Path, sparse: Path, new_tokens: int) -> float:
     """GiB: a fresh process loads one variant and generates once; its VmHWM (ru_maxrss would carry over the parent's
     high-water mark across fork + exec)."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import decode, torch\n"
+    code = (f"import torch\nfrom bench import decode\n"
             f"from absorbdeploy.runners import TorchRunner\n"
             f"m = decode.load_variant({variant!r}, decode.Path({str(dense)!r}), decode.Path({str(sparse)!r}))\n"
             f"TorchRunner(m, 1).generate(torch.zeros(1, 16, dtype=torch.long), {new_tokens})\n"
@@ -175,7 +175,7 @@ def main() -> None:
     import torch
 
     from absorbdeploy.exporters import installed
-    from absorbdeploy.kernels import active_path
+    from absorbdeploy.sparse.kernels import active_path
 
     folder = Path(args.work)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ ENGINES = ("dense", "pruned, dense storage", "pruned, bitmask kernel")
 
 def measure(paths: dict, new_tokens: int, warmup: int, iters: int, batches=(1, 8)) -> dict:
     """`paths` maps each of ENGINES to a checkpoint directory."""
-    from absorbdeploy.exporters.vllm import VllmRunner
+    from absorbdeploy.vllm_runner import VllmRunner
     from absorbdeploy.latency import summarise
 
     runners = {name: VllmRunner(path, "bfloat16", 512, name=name) for name, path in paths.items()}
@@ -52,7 +52,7 @@ def measure(paths: dict, new_tokens: int, warmup: int, iters: int, batches=(1, 8
 def greedy_fp32(stored, packed, new_tokens: int) -> dict:
     """The greedy tokens of vllm/ and bitmask/ in float32 engines (the same weights, both accumulated in fp32): the
     bf16 comparison above also measures bf16 rounding in different places, this one the kernel."""
-    from absorbdeploy.exporters.vllm import VllmRunner
+    from absorbdeploy.vllm_runner import VllmRunner
 
     prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     tokens = {}

@@ -5,7 +5,7 @@ Pruning is Wanda from one dense statistics pass (the sizes depend only on where 
 bf16 (export dtype) as the pipeline does, ONNX is fp32. The reference is the in-memory pruned model; vLLM is compared
 on next-token log-probs (it exposes no logits), the others on full logits, over 2 x 512 evaluation tokens.
 
-    .venv/bin/python bench/export_sizes.py [--sparsities 0.5,0.7,0.9,2:4]
+    .venv/bin/python -m bench.export_sizes [--sparsities 0.5,0.7,0.9,2:4]
 """
 
 import argparse
@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from common import Harness, recipe, table, write
+from .common import Harness, recipe, table, write
 
 from absorbdeploy import exporters
 from absorbdeploy.blocks import prunable_names

@@ -15,8 +15,8 @@ What runs (each step's outcome lands in one JSON, `--out`/gpu_check.json, also w
 SmolLM2 itself does not travel: its GGUF (98 MB) is over the device tool's 64 MiB transfer limit and the machine
 reaches no registry, hence the carried tiny trained model for the comparisons.
 
-    .venv/bin/python bench/gpu_check.py --prepare                 # CPU machine: fixture, CPU reference, committed JSON
-    python3 bench/gpu_check.py --device cuda --out "$OUT"          # the GPU machine (through gpu_check.sh)
+    .venv/bin/python -m bench.gpu_check --prepare                 # CPU machine: fixture, CPU reference, committed JSON
+    python3 -m bench.gpu_check --device cuda --out "$OUT"          # the GPU machine (through gpu_check.sh)
 """
 
 import argparse
@@ -29,7 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(os.environ.get("ABSORBDEPLOY_GPU_CHECK_FIXTURE") or REPO / ".gpu_check")  # ignored by git; carried
-CPU_SUMMARY = Path(os.environ.get("ABSORBDEPLOY_GPU_CHECK_CPU") or REPO / "bench" / "results" / "gpu_check_cpu.json")
+CPU_SUMMARY = Path(os.environ.get("ABSORBDEPLOY_GPU_CHECK_CPU")
+                   or Path(__file__).resolve().parent / "results" / "gpu_check_cpu.json")
 RECIPES = {"uniform-wanda-50": ["--recipe", "uniform-wanda-50"], "default": []}
 SMALL = ["--set", "calibration.nsamples=16", "--set", "calibration.seqlen=128", "--set", "validate.seqlen=128",
          "--set", "validate.eval_windows=8", "--set", "validate.latency.enabled=false"]
@@ -47,7 +48,6 @@ def cli(*args, timeout=600) -> tuple[int, str, float]:
 def prepare() -> None:
     """On the CPU machine: the tiny trained fixture, the CPU run of each recipe (kept beside it for the mask
     comparison), and the committed summary bench/results/gpu_check_cpu.json."""
-    sys.path.append(str(REPO))  # after the installed absorbdeploy (gpu_check.sh)
     from tests.helpers import train_tiny
 
     model_dir = FIXTURE / "tiny-trained"
@@ -81,11 +81,10 @@ def mask_agreement(mine: Path, reference: Path) -> dict:
     """Per pruned matrix, the fraction of weights whose pruned/kept state matches (both compressed exports decoded)."""
     import torch
 
-    sys.path.append(str(REPO))  # after the installed absorbdeploy (gpu_check.sh)
-    from absorbdeploy import exporters
+    from absorbdeploy import export_files, exporters
 
     module = exporters.get("compressed-safetensors")
-    prunable = set(exporters.read_sidecar(reference)["prunable"])
+    prunable = set(export_files.read_sidecar(reference)["prunable"])
 
     def masks(folder):
         return {k: v == 0 for shard in module.tensors(folder) for k, v in shard.items() if k in prunable}
@@ -124,7 +123,6 @@ def speed_runs(devices: list[str], out: Path) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.append(str(REPO))  # after the installed absorbdeploy (gpu_check.sh)
     from absorbdeploy.tiny import byte_tokenizer
 
     model_dir = out / "smollm2-shaped"

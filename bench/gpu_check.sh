@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA path in one prepared call (issue 20). On the GPU machine (the device tool: its image has torch, transformers,
 # onnx and onnxruntime, reaches no registry, and takes at most 64 MiB of files):
-#   here, once:   .venv/bin/python bench/gpu_check.py --prepare       (tiny trained fixture + CPU reference, ~2 min)
+#   here, once:   .venv/bin/python -m bench.gpu_check --prepare       (tiny trained fixture + CPU reference, ~2 min)
 #   device run:   bash bench/gpu_check.sh        with carry [".gpu_check"], timeout_s 540
 # It installs absorbdeploy from this checkout without its dependencies (the image brings them), runs tests/gpu, then
-# bench/gpu_check.py --device cuda; everything lands in $OUT/gpu_check.json (and $OUT/pytest.log).
+# `python -m bench.gpu_check --device cuda`; everything lands in $OUT/gpu_check.json (and $OUT/pytest.log).
 # --dry-run runs the same steps on a CPU machine (--device cpu; tests/gpu skip) to test the script itself.
 # Exits 2 at once, with one line, on a machine without CUDA (unless --dry-run); leaves no process behind.
 set -euo pipefail
@@ -22,7 +22,7 @@ done
 mkdir -p "$OUT_DIR"
 FIXTURE=${ABSORBDEPLOY_GPU_CHECK_FIXTURE:-.gpu_check}
 if [ ! -f "$FIXTURE/tiny-trained/config.json" ]; then
-  echo "gpu_check: no fixture in $FIXTURE/: run '.venv/bin/python bench/gpu_check.py --prepare' on the CPU machine and carry .gpu_check" >&2
+  echo "gpu_check: no fixture in $FIXTURE/: run '.venv/bin/python -m bench.gpu_check --prepare' on the CPU machine and carry .gpu_check" >&2
   exit 2
 fi
 if [ "$DRY" = 1 ]; then
@@ -55,5 +55,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --import-mode=append tests/gpu >"$OUT_DIR/pytest.log" 2>&1 || status=$?
 tail -3 "$OUT_DIR/pytest.log"
-timeout 360 "$PY" bench/gpu_check.py --device "$DEVICE" --out "$OUT_DIR" "${EXTRA[@]}" || status=$?
+# the bench package comes from the checkout, appended after $SITE: absorbdeploy still comes from $SITE
+PYTHONPATH="$PYTHONPATH:$PWD" timeout 360 "$PY" -m bench.gpu_check --device "$DEVICE" --out "$OUT_DIR" \
+  "${EXTRA[@]}" || status=$?
 exit "$status"

@@ -6,8 +6,8 @@ allocate + prune with uniform Wanda 50 % (sequential protocol, in streaming mode
 shards). Reported: peak RSS during the prune stages and over the whole process (sampled every 50 ms), wall time, and
 for SmolLM2 whether both modes give bit-identical pruned weights and the streaming / in-memory time ratio.
 
-    .venv/bin/python bench/memory.py [--sizes synthetic-0.8GB,...] [--models DIR]
-    .venv/bin/python bench/memory.py --recheck      # recompute bit identity from the outputs a run left in --models
+    .venv/bin/python -m bench.memory [--sizes synthetic-0.8GB,...] [--models DIR]
+    .venv/bin/python -m bench.memory --recheck      # recompute bit identity from the outputs a run left in --models
 """
 
 import argparse
@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, table, write
+from .common import RESULTS, table, write
 
+REPO = Path(__file__).resolve().parent.parent  # the worker runs as `python -m bench.memory` from here
 SYNTHETIC = {  # name -> LlamaConfig overrides (untied embeddings, vocab 32000)
     "synthetic-0.8GB": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16),
     "synthetic-2.6GB": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=10, num_attention_heads=16),
@@ -64,7 +65,7 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     """One measurement, in its own process: prints a JSON line."""
     import torch
 
-    from absorbdeploy import load, pipeline, stream
+    from absorbdeploy import export_files, load, pipeline, stream
     from absorbdeploy.source import resolve_source
     from absorbdeploy.progress import Progress, _PeakRSS
     from absorbdeploy.recipe import Recipe, override, settle
@@ -79,7 +80,7 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     start = time.perf_counter()
     if mode == "on":
         lm = stream.load_streaming(source, torch.device("cpu"), "bfloat16")
-        lm.store.writer = stream.ShardWriter(Path(out) / "vllm", stream.streaming_shard_bytes(r.export.max_shard_size))
+        lm.store.writer = export_files.ShardWriter(Path(out) / "vllm", export_files.streaming_shard_bytes(r.export.max_shard_size))
     else:
         lm = load.load(source, torch.device("cpu"))
         load.round_weights(lm.model, "bfloat16")
@@ -96,11 +97,8 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     if mode == "on":
         lm.store.writer.finish()
     else:
-        from absorbdeploy.exporters import unique_state_dict
-        from absorbdeploy.stream import ShardWriter
-
-        writer = ShardWriter(Path(out) / "vllm", stream.parse_size("2GB"))
-        writer.add(unique_state_dict(lm.model, torch.bfloat16))
+        writer = export_files.ShardWriter(Path(out) / "vllm", export_files.parse_size("2GB"))
+        writer.add(export_files.unique_state_dict(lm.model, torch.bfloat16))
         writer.finish()
     zeros = sum(r.zeros for r in outcome.records)
     print(json.dumps({"mode": mode, "load_s": loaded, "prune_s": pruning, "prune_peak_rss_mb": prune_peak,
@@ -146,8 +144,9 @@ def main() -> None:
             out = Path(args.models) / f"out-{name}-{mode}"
             shutil.rmtree(out, ignore_errors=True)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--worker", str(path), mode, str(out), str(nsamples), str(seqlen)],
-                                  capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
+            worker_args = ["--worker", str(path), mode, str(out), str(nsamples), str(seqlen)]
+            proc = subprocess.run([sys.executable, "-m", "bench.memory", *worker_args], capture_output=True, text=True,
+                                  env=env, cwd=REPO)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])

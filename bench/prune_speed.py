@@ -5,7 +5,7 @@ Everything is measured in this one process, side by side: one full dense forward
 sequential prune pass), the single-pass dense-statistics variant, and the anchors' per-sample loop (batch size 1).
 Target: sequential OWL + Wanda <= 3x one dense forward. Peak RSS per stage from the pipeline's own stage clock.
 
-    .venv/bin/python bench/prune_speed.py [--repeats 1]
+    .venv/bin/python -m bench.prune_speed [--repeats 1]
 """
 
 import argparse
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import Harness, recipe, table, write
+from .common import Harness, recipe, table, write
 
 
 def dense_forward_seconds(h: Harness, windows, batch: int = 8) -> float:

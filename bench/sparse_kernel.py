@@ -13,7 +13,7 @@ is the memory system, not the clock). The floor is `sum()` over a buffer 8x the 
 on torch's threads. Targets (the project's): at 70 %, batch 1, 4096 x 11008, >= 2x the best dense and >= 60 % of the
 floor; at 50 %, >= 1.3x.
 
-    .venv/bin/python bench/sparse_kernel.py [--quick] [--threads N]
+    .venv/bin/python -m bench.sparse_kernel [--quick] [--threads N]
 """
 
 import argparse
@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from common import table, write
+from absorbdeploy.sparse import kernels
+from absorbdeploy.sparse.codec import compress_bitmask
 
-from absorbdeploy import kernels  # noqa: E402  (after common: it puts the repository on sys.path)
+from .common import table, write
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (1536, 576), (576, 1536)]
 SPARSITIES = [0.5, 0.7, 0.9]
@@ -137,8 +138,8 @@ def variants(w: torch.Tensor, x: torch.Tensor, cache_bytes: int) -> dict:
     x_t = x.T.contiguous()
     csr_bytes = nbytes(csr.values(), csr.col_indices(), csr.crow_indices())
     out["torch CSR fp32"] = (Cycling(lambda c: c @ x_t, (csr,), csr_bytes, cache_bytes), csr_bytes + nbytes(x_t))
-    parts = kernels.pack_bitmask(w)
-    packed = (parts["values"], parts["bitmask"], parts["row_offsets"])
+    parts = compress_bitmask(w)
+    packed = (parts["compressed"], parts["bitmask"], parts["row_offsets"])
     for name, xk in (("kernel", x), ("kernel bf16 x", x.bfloat16())):  # bf16 x: batches > 10 take the bf16 GEMM path
         call = Cycling(lambda v, m, o, xk=xk: kernels.bitmask_linear(xk, v, m, o, w.shape[1]), packed, nbytes(*packed),
                        cache_bytes)

@@ -5,25 +5,24 @@
     describe(out_dir) -> dict                                        files, bytes, a sparsity audit read back from disk
     tensors(out_dir) -> Iterator[dict[str, Tensor]]                  the stored weights, dense, a shard at a time
 
-    RUNTIMES: dict          the runtimes `load` can run it in -> (the engine, the modules it needs); the first is
-                            its own. Validation scores and times it in every one that is installed; formats that
-                            SERVES_CHECKPOINT share one dense baseline per engine
-    IN_PROCESS: bool        `load` holds the whole model in this process (streaming mode compares `tensors` instead)
+    RUNTIMES: dict          runtime name -> Runtime(engine, the modules it needs, its loader); the first is its own
+                            and `load` calls `open_in(RUNTIMES, ...)`. Validation scores and times the format in every
+                            runtime that is installed; formats that SERVES_CHECKPOINT share one dense baseline per engine
+    STREAM_BY_TENSORS: bool streaming mode compares `tensors` instead of loading the whole model in this process
     SERVES_CHECKPOINT: bool a plain HF checkpoint directory loads in that runtime (a dense baseline for timing)
     TIMED: bool             time dense and pruned side by side in that runtime
 
-`FORMATS` is the one list of formats; a module (and its runtime: vllm, onnxruntime) is imported only by `get`.
+This module is the registry only: `FORMATS` is the one list of formats, and a format's module (and its runtime: vllm,
+onnxruntime) is imported only by `get`. What formats write and read back in common lives in export_files.py.
 """
 
 import importlib
 import importlib.util
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, NamedTuple
 
 from absorbdeploy.errors import UserError
 
-SIDECAR = "absorbdeploy.json"
 CHECKPOINT_FORMAT = "vllm"  # its directory is a plain HF checkpoint: streaming writes the pruned blocks straight into it
 
 
@@ -60,6 +59,14 @@ class ExportSpec:
     sidecar: dict = field(default_factory=dict)  # allocation, provenance; written as absorbdeploy.json
     streamed: object = None  # streaming mode: the ShardWriter that already holds every pruned block (vllm export)
     checkpoint: str | None = None  # streaming mode: the finished vllm/ directory other formats convert from
+
+
+class Runtime(NamedTuple):
+    """One row of a format's RUNTIMES."""
+
+    engine: str  # "torch", "vllm", "onnxruntime": formats that SERVES_CHECKPOINT share a dense baseline per engine
+    modules: tuple[str, ...]  # importable modules it needs
+    open: Callable  # (out_dir, RuntimeOptions) -> runners.Runner
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,11 @@ class Artifact:
         return sum(self.files.values())
 
 
+def open_in(runtimes: dict, out_dir, runtime: "RuntimeOptions"):
+    """A format's `load`: the runner of `runtime.name` (None: the format's own runtime, the first of `runtimes`)."""
+    return runtimes[runtime.name or next(iter(runtimes))].open(out_dir, runtime)
+
+
 def missing_modules(name: str) -> list[str]:
     return [m for m in FORMATS[name].runtime_modules if importlib.util.find_spec(m) is None]
 
@@ -139,146 +151,3 @@ def select(requested, dtype: str) -> tuple[tuple[str, ...], list[str]]:
 def get(name: str):
     check_available([name])
     return importlib.import_module(f"absorbdeploy.exporters.{FORMATS[name].module}")
-
-
-def unique_state_dict(model, dtype) -> dict:
-    """The state dict on CPU in `dtype`, tied tensors (lm_head = embed_tokens) once, as save_pretrained stores them.
-    Tensors still on the meta device (streamed blocks, already written) are skipped."""
-    seen, result = set(), {}
-    for name, tensor in model.state_dict().items():
-        if tensor.is_meta:
-            continue
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        result[name] = tensor.detach().to("cpu", dtype).contiguous()
-    return result
-
-
-def write_checkpoint(model, tokenizer, out: Path, spec: ExportSpec) -> None:
-    """A plain `save_pretrained` checkpoint in spec.dtype (dense storage, zeros included). Streaming: the pruned
-    blocks are already in spec.streamed's shards; the rest is added, then the index."""
-    import torch
-
-    out.mkdir(parents=True, exist_ok=True)
-    if spec.streamed is not None:
-        spec.streamed.add(unique_state_dict(model, getattr(torch, spec.dtype)))
-        spec.streamed.finish()
-        model.config.to_json_file(out / "config.json")
-        model.generation_config.save_pretrained(out)
-    else:  # a converted copy of the state dict: casting the model itself would also round its rotary buffers
-        state = unique_state_dict(model, getattr(torch, spec.dtype))
-        model.save_pretrained(out, state_dict=state, max_shard_size=spec.max_shard_size)
-        del state
-    tokenizer.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    config["dtype"] = spec.dtype  # what `vllm serve DIR` and from_pretrained(dtype="auto") will use
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def base_config(model, dtype: str) -> dict:
-    """config.json as save_pretrained writes it (architectures included), in the export dtype."""
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = dtype
-    return config
-
-
-def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, config: dict) -> None:
-    """Shards of the state dict in spec.dtype with every prunable weight replaced by its bitmask parts (bitmask.py;
-    a module's parts stay in one shard), then config.json, the generation config and the tokenizer. In streaming
-    mode the tensors come shard by shard from the finished checkpoint (spec.checkpoint)."""
-    import torch
-
-    from absorbdeploy.bitmask import encode
-    from absorbdeploy.stream import ShardWriter, parse_size, streaming_shard_bytes
-
-    if spec.checkpoint is None:
-        source = unique_state_dict(model, getattr(torch, spec.dtype)).items()
-    else:
-        from safetensors.torch import load_file
-
-        source = (item for file in sorted(Path(spec.checkpoint).glob("*.safetensors")) for item in load_file(str(file)).items())
-    limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
-    writer, prunable = ShardWriter(out, limit), set(spec.prunable)
-    for name, t in source:
-        if name in prunable:
-            writer.add({f"{name[: -len('.weight')]}.{k}": v for k, v in encode(t, layout).items()}, group=True)
-        else:
-            writer.add({name: t})
-    writer.finish()
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    model.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def decoded_shards(out_dir, layout: str):
-    """Every stored tensor of a packed export, bitmask modules decoded to dense, one shard at a time."""
-    from safetensors.torch import load_file
-
-    from absorbdeploy.bitmask import PARTS, decode
-
-    for file in sorted(Path(out_dir).glob("*.safetensors")):
-        raw = load_file(str(file))
-        modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in PARTS}}
-        for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
-        yield decoded
-
-
-def list_files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def write_sidecar(folder: Path, spec: ExportSpec, fmt: str, **extra) -> None:
-    payload = {"format": fmt, "dtype": spec.dtype, "nm": list(spec.nm) if spec.nm else None,
-               "prunable": list(spec.prunable), **spec.sidecar, **extra}
-    (folder / SIDECAR).write_text(json.dumps(payload, indent=1))
-
-
-def read_sidecar(folder: Path) -> dict:
-    path = Path(folder) / SIDECAR
-    if not path.is_file():
-        raise UserError(f"{folder} has no {SIDECAR}; it was not written by absorbdeploy")
-    return json.loads(path.read_text())
-
-
-def describe(out_dir, shards, **extra) -> dict:
-    """What every format's `describe` reports: files, bytes and the sparsity audit of its stored prunable weights,
-    read one shard at a time from `shards` (the format's `tensors(out_dir)`)."""
-    meta = read_sidecar(out_dir)
-    files = list_files(Path(out_dir))
-    audit = Audit(meta["prunable"], tuple(meta["nm"]) if meta.get("nm") else None)
-    for shard in shards:
-        audit.add(shard)
-    return {"format": meta["format"], "files": files, "bytes": sum(files.values()), "audit": audit.result(), **extra}
-
-
-class Audit:
-    """Sparsity over the prunable set, accumulated from tensors read back from disk."""
-
-    def __init__(self, prunable, nm):
-        self.prunable, self.nm = set(prunable), nm
-        self.per_tensor, self.zeros, self.total, self.nm_ok = {}, 0, 0, True
-
-    def add(self, tensors: dict) -> None:
-        from absorbdeploy.masks import is_nm
-
-        for name, t in tensors.items():
-            if name in self.prunable and name not in self.per_tensor:
-                z = int((t == 0).sum())
-                self.per_tensor[name] = z / t.numel()
-                self.zeros, self.total = self.zeros + z, self.total + t.numel()
-                self.nm_ok = self.nm_ok and (self.nm is None or is_nm(t, *self.nm))
-
-    def result(self) -> dict:
-        missing = self.prunable - set(self.per_tensor)
-        if missing:
-            raise UserError(f"the export lacks {len(missing)} pruned tensors (e.g. {sorted(missing)[0]}); it is incomplete")
-        result = {"zeros": self.zeros, "weights": self.total, "sparsity": self.zeros / self.total if self.total else 0.0,
-                  "per_tensor": dict(sorted(self.per_tensor.items()))}
-        if self.nm is not None:
-            result["nm_valid"] = self.nm_ok
-        return result

@@ -16,12 +16,13 @@ import json
 import time
 from pathlib import Path
 
-from absorbdeploy import exporters
 from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, write_sidecar
+from absorbdeploy.export_files import base_config, decoded_shards, describe_export, list_files, write_packed, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, Runtime, RuntimeOptions, open_in
+from absorbdeploy.sparse.codec import LAYOUTS
 
 FORMAT = "compressed-safetensors"
-RUNTIMES = {"torch (decoded)": ("torch", ())}
+RUNTIMES = {"torch (decoded)": Runtime("torch", (), lambda out_dir, runtime: _open_decoded(out_dir))}
 STREAM_BY_TENSORS = True  # decoding holds the whole model: in streaming mode its tensors are compared with vllm/
 SERVES_CHECKPOINT = False
 TIMED = False  # it decodes to exactly the in-memory model, which is timed in torch already
@@ -32,7 +33,7 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     start = time.perf_counter()
     out = Path(out_dir)
     layout = "sparse-24-bitmask" if spec.nm == (2, 4) else "sparse-bitmask"
-    config = exporters.base_config(model, spec.dtype)
+    config = base_config(model, spec.dtype)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "sparsity_config": {"format": layout, "global_sparsity": spec.sidecar.get("allocation", {}).get("realised", 0.0),
@@ -42,29 +43,33 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
         "transform_config": {},
         "version": LAYOUT_VERSION,
     }
-    exporters.write_packed(model, tokenizer, out, spec, layout, config)
+    write_packed(model, tokenizer, out, spec, layout, config)
     write_sidecar(out, spec, FORMAT)
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, [f"layout {layout} (compressed-tensors {LAYOUT_VERSION})"])
 
 
 def tensors(out_dir):
     """Every stored tensor, compressed modules decoded to dense, one shard at a time (a module never straddles shards)."""
-    yield from exporters.decoded_shards(out_dir, _layout(out_dir))
+    yield from decoded_shards(out_dir, _layout(out_dir))
 
 
 def _layout(out_dir) -> str:
     config = json.loads((Path(out_dir) / "config.json").read_text())
     layout = config.get("quantization_config", {}).get("sparsity_config", {}).get("format")
-    if layout not in ("sparse-bitmask", "sparse-24-bitmask"):
+    if layout not in LAYOUTS:
         raise UserError(f"{out_dir}/config.json has no sparse-bitmask sparsity_config; not a {FORMAT} export")
     return layout
 
 
 def describe(out_dir) -> dict:
-    return exporters.describe(out_dir, tensors(out_dir), layout=_layout(out_dir))
+    return describe_export(out_dir, tensors(out_dir), layout=_layout(out_dir))
 
 
 def load(out_dir, runtime: RuntimeOptions):
+    return open_in(RUNTIMES, out_dir, runtime)
+
+
+def _open_decoded(out_dir):
     """Decode the checkpoint into a transformers model (the loader that accepts bitmask checkpoints as input)."""
     import torch
 

@@ -13,13 +13,13 @@ and latency do not. The runner is an onnxruntime session (CUDA EP when available
 import time
 from pathlib import Path
 
-from absorbdeploy import exporters
 from absorbdeploy.errors import UserError
-from absorbdeploy.exporters import Artifact, ExportSpec, RuntimeOptions, list_files, read_sidecar, write_sidecar
+from absorbdeploy.export_files import describe_export, list_files, read_sidecar, write_sidecar
+from absorbdeploy.exporters import Artifact, ExportSpec, Runtime, RuntimeOptions, open_in
 from absorbdeploy.runners import Runner, Timing
 
 FORMAT = "onnx"
-RUNTIMES = {"onnxruntime": ("onnxruntime", ("onnxruntime",))}
+RUNTIMES = {"onnxruntime": Runtime("onnxruntime", ("onnxruntime",), lambda out_dir, runtime: OnnxRunner(out_dir))}
 STREAM_BY_TENSORS = False  # exporting traced the whole model anyway; onnxruntime runs it
 SERVES_CHECKPOINT = False
 TIMED = True
@@ -208,11 +208,11 @@ def tensors(out_dir):
 
 
 def describe(out_dir) -> dict:
-    return exporters.describe(out_dir, tensors(out_dir))
+    return describe_export(out_dir, tensors(out_dir))
 
 
 def load(out_dir, runtime: RuntimeOptions) -> "OnnxRunner":
-    return OnnxRunner(out_dir)
+    return open_in(RUNTIMES, out_dir, runtime)
 
 
 class OnnxRunner(Runner):

@@ -13,6 +13,32 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+# Every test's tier is the folder it lives in (README, "Code layout": tests mirror the modules); `-m unit` is the fast
+# loop. A test file anywhere else under tests/ is a collection error rather than a test without a tier.
+MARK_BY_FOLDER = {"unit": "unit", "tiny": "tiny", "slow": "slow", "gpu": "gpu"}
+MARK_BY_FILE = {"test_layout.py": "unit"}  # static checks of the source tree
+
+
+def tier(path: Path) -> str | None:
+    """The marker of a test file under tests/ ("unit", "tiny", "slow", "gpu"); None for a file outside tests/."""
+    try:
+        parts = Path(path).resolve().relative_to(TESTS).parts
+    except ValueError:
+        return None
+    mark = MARK_BY_FOLDER.get(parts[0]) if len(parts) > 1 else MARK_BY_FILE.get(parts[0])
+    if mark is None:
+        raise pytest.UsageError(f"tests/{'/'.join(parts)}: a test lives in tests/unit, tests/tiny, tests/slow or "
+                                f"tests/gpu (or is one of {', '.join(MARK_BY_FILE)}), which gives it its marker")
+    return mark
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        mark = tier(item.path)
+        if mark is not None:
+            item.add_marker(mark)
 
 
 @pytest.fixture(scope="session", autouse=True)

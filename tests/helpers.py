@@ -30,7 +30,8 @@ def prune_in_memory(model, sparsity: float = 0.5, method: str = "wanda", structu
     """Uniform (or given) allocation, sequential calibration on pydoc text; returns the MatrixRecords."""
     from absorbdeploy import calibrate, data
     from absorbdeploy.blocks import decoder_blocks
-    from absorbdeploy.prune_blocks import PruneSpec, plan_counts, prune_sequential
+    from absorbdeploy.prune_blocks import plan_counts, prune_sequential
+    from absorbdeploy.prune_plan import PruneSpec
     from absorbdeploy.recipe import Prune, parse_nm
     from absorbdeploy.tiny import byte_tokenizer
 

@@ -1,5 +1,6 @@
 """The project's shape: required top level, one exporter file per FORMATS entry with identical verbs, small modules,
-layered imports without circles, and the README's test command in CI."""
+layered imports without circles, a mirrored test file for every module with logic, and the README's test command in
+CI."""
 
 import ast
 import inspect
@@ -11,18 +12,21 @@ from absorbdeploy import exporters
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Each module may import modules of its own layer or below, never above (README, "Code layout").
+# Each module may import modules of its own layer or below, never above (README, "Code layout"). Modules of the
+# sparse/ folder are named `sparse.<module>` (sparse.kernels for its kernels package).
 LAYERS = [
-    {"errors", "version"},
-    {"masks", "sparsegpt", "esd", "bitmask", "prune", "allocate", "absorb"},  # pure math over tensors
-    {"source", "checkpoint", "blocks", "data", "runners", "latency", "tiny", "atomic", "progress", "kernels",
-     "sparse_linear", "compare"},
-    {"calibrate", "prune_blocks", "probe", "load", "stream", "exporters", "validate", "zeroshot", "plots", "render",
-     "hf_bitmask", "vllm_bitmask", "vllm_plugin"},
+    {"errors", "version", "sparse.codec"},  # the codec imports nothing of ours
+    {"masks", "sparsegpt", "esd", "prune", "allocate", "absorb", "prune_plan"},  # pure math over tensors, the prune plan
+    {"source", "checkpoint", "blocks", "data", "runners", "vllm_runner", "latency", "tiny", "atomic", "progress",
+     "compare", "sparse.kernels", "sparse.linear"},
+    {"calibrate", "prune_blocks", "probe", "load", "stream", "export_files", "exporters", "validate", "zeroshot",
+     "plots", "render", "sparse.hf", "sparse.vllm", "sparse"},
     {"recipe_rules", "recipe"},  # the configuration validates against the tables below it
     {"report", "pipeline", "serve"},
     {"cli", "__main__", "__init__"},  # the package's __init__ registers the bitmask format with transformers
 ]
+# What the served-sparse folder may import from outside itself: nothing above the model and data access layer.
+SPARSE_MAY_IMPORT = {"absorbdeploy.errors", "absorbdeploy.source", "absorbdeploy.checkpoint"}
 VERBS = ("export", "load", "describe", "tensors")
 DECLARATIONS = {"FORMAT": str, "RUNTIMES": dict, "STREAM_BY_TENSORS": bool, "SERVES_CHECKPOINT": bool, "TIMED": bool}
 
@@ -66,10 +70,16 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _layer(module: str) -> int:
+def _name(module: str) -> str:
+    """absorbdeploy.stream -> stream; absorbdeploy.sparse.kernels.ops -> sparse.kernels; absorbdeploy -> __init__"""
     parts = module.split(".")
-    name = parts[1] if len(parts) > 1 else "__init__"
-    return next(i for i, names in enumerate(LAYERS) if name in names)
+    if len(parts) == 1:
+        return "__init__"
+    return ".".join(parts[1:3]) if parts[1] == "sparse" and len(parts) > 2 and parts[2] != "__init__" else parts[1]
+
+
+def _layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if _name(module) in names)
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -101,9 +111,33 @@ def test_no_import_circle():
 
 
 def _top(module: str) -> str:
-    """absorbdeploy.exporters.vllm -> absorbdeploy.exporters.vllm; absorbdeploy.kernels.ops -> absorbdeploy.kernels"""
+    """absorbdeploy.exporters.vllm -> itself; absorbdeploy.sparse.kernels.ops -> absorbdeploy.sparse.kernels"""
     parts = module.split(".")
-    return ".".join(parts[:3]) if parts[1:2] == ["exporters"] else ".".join(parts[:2])
+    return ".".join(parts[:3]) if parts[1:2] in (["exporters"], ["sparse"]) else ".".join(parts[:2])
+
+
+def test_the_sparse_folder_imports_nothing_above_it_and_the_codec_nothing_of_ours():
+    outside = []
+    for path, module in _modules():
+        if module.startswith("absorbdeploy.sparse."):
+            targets = {t for t in _imports(path) if not t.startswith("absorbdeploy.sparse")}
+            if module == "absorbdeploy.sparse.codec":
+                assert not targets and not _imports(path), _imports(path)
+            outside += [f"{module} -> {t}" for t in targets - SPARSE_MAY_IMPORT]
+    assert not outside, outside
+
+
+def test_one_isa_table_gives_the_build_its_sources():
+    """Every isa_<name>.cpp is compiled and has its row in kIsaTable; nothing else names an ISA path's file."""
+    from absorbdeploy.sparse.kernels import build
+
+    folder = REPO / "absorbdeploy/sparse/kernels"
+    isa_files = sorted(p.name for p in folder.glob("isa_*.cpp"))
+    assert list(build.SOURCES) == ["bitmask_linear.cpp", *isa_files]
+    table = (folder / "bitmask_linear.cpp").read_text()
+    for name in isa_files:
+        entry = "kIsa" + name[len("isa_"):-len(".cpp")].capitalize()
+        assert f"&{entry}," in table and f"const IsaPath {entry} = {{" in (folder / name).read_text(), entry
 
 
 def test_modules_stay_small():
@@ -135,3 +169,62 @@ def test_no_unsafe_loading_in_the_package():
     from absorbdeploy import recipe
 
     assert issubclass(recipe._Loader, __import__("yaml").SafeLoader)
+
+
+# Tests mirror the modules (README, "Code layout"): absorbdeploy/<sub>/<module>.py is tested by
+# tests/<tier>/<sub>/test_<module>.py and exporters/<module>.py by tests/<tier>/exporters/test_<module>.py, for a tier
+# of TEST_TIERS (the folder gives the marker, tests/conftest.py). A module is either mirrored, tested in the file that
+# TESTED_IN names, or listed in NOT_MIRRORED with the reason it has no test file of its own.
+TEST_TIERS = ("unit", "tiny", "slow")
+NOT_MIRRORED = {
+    "absorbdeploy/__init__.py": "registers the bitmask format when transformers is imported (tests/tiny/sparse/test_hf.py "
+                                "loads through it)",
+    "absorbdeploy/__main__.py": "`python -m absorbdeploy` calls cli.main (every run_cli test runs it)",
+    "absorbdeploy/version.py": "one constant",
+    "absorbdeploy/errors.py": "one exception class (every refusal test checks its one-line message)",
+    "absorbdeploy/sparse/__init__.py": "a docstring",
+    "absorbdeploy/sparse/kernels/__init__.py": "re-exports kernels/ops.py",
+    "absorbdeploy/sparse/kernels/__main__.py": "an argparse wrapper of build.load (install.sh runs it; "
+                                               "tests/unit/sparse/kernels/test_build.py tests load)",
+}
+TESTED_IN = {
+    "exporters/__init__.py": "tests/unit/test_exporters.py",  # the registry, named after its package
+    # every format in one file parametrized over exporters.FORMATS: export, reload in its runtime, describe
+    "exporters/bitmask.py": "tests/tiny/test_exporters.py",
+    "exporters/compressed_safetensors.py": "tests/tiny/test_exporters.py",
+    "exporters/onnx.py": "tests/tiny/test_exporters.py",
+    "exporters/vllm.py": "tests/tiny/test_exporters.py",
+}
+
+
+def _mirrors(module: Path) -> list[Path]:
+    """absorbdeploy/sparse/kernels/ops.py -> tests/<tier>/sparse/kernels/test_ops.py for every tier."""
+    relative = module.relative_to(REPO)
+    inside = relative.relative_to("absorbdeploy") if relative.parts[0] == "absorbdeploy" else relative
+    return [REPO / "tests" / tier / inside.parent / f"test_{inside.name}" for tier in TEST_TIERS]
+
+
+def test_every_module_with_logic_has_its_mirrored_test_file():
+    missing, stale = [], []
+    for path, _ in _modules():
+        name = str(path.relative_to(REPO))
+        mirrored = [p for p in _mirrors(path) if p.is_file()]
+        if name in TESTED_IN:
+            assert (REPO / TESTED_IN[name]).is_file(), f"{name}: TESTED_IN names {TESTED_IN[name]}, which does not exist"
+        elif name in NOT_MIRRORED:
+            if mirrored:
+                stale.append(f"{name} has {mirrored[0].relative_to(REPO)}: take it out of NOT_MIRRORED")
+        elif not mirrored:
+            missing.append(f"{name}: expected one of {', '.join(str(p.relative_to(REPO)) for p in _mirrors(path))}")
+    assert not missing, "modules without their test file:\n" + "\n".join(missing)
+    assert not stale, stale
+    known = {str(p.relative_to(REPO)) for p, _ in _modules()}
+    assert set(NOT_MIRRORED) | set(TESTED_IN) <= known, (set(NOT_MIRRORED) | set(TESTED_IN)) - known
+    assert all(reason.strip() for reason in NOT_MIRRORED.values())
+
+
+def test_every_test_folder_is_a_package():
+    """Mirrored names repeat across tiers (tests/tiny/test_exporters.py, tests/unit/test_exporters.py): each folder
+    needs its __init__.py so that pytest imports both."""
+    folders = {p.parent for p in (REPO / "tests").rglob("test_*.py")}
+    assert all((f / "__init__.py").is_file() for f in folders), sorted(str(f) for f in folders if not (f / "__init__.py").is_file())

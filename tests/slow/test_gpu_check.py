@@ -26,7 +26,7 @@ def test_without_cuda_it_stops_at_once_with_one_line(tmp_path):
 def test_the_dry_run_writes_the_comparison(tmp_path):
     env = {**os.environ, "ABSORBDEPLOY_GPU_CHECK_FIXTURE": str(tmp_path / "fixture"),
            "ABSORBDEPLOY_GPU_CHECK_CPU": str(tmp_path / "cpu.json"), "PYTHON": sys.executable}
-    prepared = subprocess.run([sys.executable, "bench/gpu_check.py", "--prepare"], capture_output=True, text=True,
+    prepared = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--prepare"], capture_output=True, text=True,
                               cwd=REPO, env=env, timeout=900)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     out = tmp_path / "out"

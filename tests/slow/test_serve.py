@@ -1,5 +1,6 @@
-"""The serve line the CLI prints works: it starts vLLM's OpenAI server on 127.0.0.1, answers one /v1/completions request
-with transformers' greedy text for the same checkpoint, and is stopped by the test that started it."""
+"""The serve line the CLI prints (serve.command) works: it starts vLLM's OpenAI server on 127.0.0.1, answers one
+/v1/completions request with transformers' greedy text for the same checkpoint, and is stopped by the test that started
+it."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from absorbdeploy import exporters
+from absorbdeploy import exporters, serve
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif("vllm" not in exporters.installed(), reason="vllm not installed")]
@@ -63,6 +64,7 @@ def test_the_printed_serve_command_serves_the_export(exported, fmt, tmp_path):
 
     out, stdout = exported
     line = next(l for l in stdout.splitlines() if l.startswith("serve:") and l.endswith(f"/{fmt}"))
+    assert line.removeprefix("serve:").strip() == serve.command(f"{out}/{fmt}")  # the CLI prints serve's command
     command = shlex.split(line.removeprefix("serve:"))
     assert command[-1] == f"{out}/{fmt}"
     command[0] = str(Path(sys.executable).parent / command[0])  # the console script of this environment

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from absorbdeploy import absorb, allocate, calibrate, data, probe
 from absorbdeploy.blocks import decoder_blocks, matrix_sizes
-from absorbdeploy.prune_blocks import PruneSpec
+from absorbdeploy.prune_plan import PruneSpec
 from absorbdeploy.recipe import Recipe, override, settle
 from absorbdeploy.tiny import byte_tokenizer
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from absorbdeploy import checkpoint
-from absorbdeploy.bitmask import compress_bitmask
+from absorbdeploy.sparse import codec
+from absorbdeploy.sparse.codec import compress_bitmask
 from absorbdeploy.errors import UserError
 
 
@@ -26,7 +27,7 @@ def test_consistency_problems_name_missing_extra_and_misshapen_tensors():
     ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask"}}, "sparse-bitmask"),
     ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparse-24-bitmask"),
     ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "dense"}}, None),
-    ({"quant_method": checkpoint.SERVED_SPARSE_METHOD}, "sparse-bitmask"),
+    ({"quant_method": codec.SERVED_SPARSE_METHOD}, "sparse-bitmask"),
 ])
 def test_layouts_we_decode_are_accepted(quant, layout):
     config = {} if quant is None else {"quantization_config": quant}

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from absorbdeploy.masks import is_nm
 from absorbdeploy.prune import PRUNERS, Prepared, relative_error
-from absorbdeploy.prune_blocks import PruneSpec
+from absorbdeploy.prune_plan import PruneSpec
 from absorbdeploy.recipe import NM, Prune, SparseGPTOptions
 
 

@@ -111,50 +111,6 @@ def test_yaml_12_scalars():
     assert rc.override(r, "absorption.enabled=true").absorption.enabled is True
 
 
-def test_following_defaults_settle_to_their_plain_values():
-    r, notes = rc.settle(rc.Recipe())
-    assert notes == []
-    assert (r.prune.sparsity, r.absorption.enabled, r.allocation.min, r.allocation.max) == (0.5, True, 0.05, 0.95)
-    assert (r.calibration.seqlen, r.validate.seqlen, r.absorption.probe_samples, r.absorption.probe_seqlen) == (512, 512, 4, 512)
-    assert r.export.dtype == "bfloat16" and rc.settle(r) == (r, [])
-
-
-@pytest.mark.parametrize("assignments, facts, expected, note", [
-    (["prune.structure=2:4"], {}, {"absorption.enabled": False, "prune.sparsity": 0.5}, "absorption.enabled = false"),
-    (["prune.structure=1:4"], {}, {"prune.sparsity": 0.25, "absorption.enabled": False}, "prune.sparsity = 0.25"),
-    (["prune.sparsity=0.97"], {}, {"allocation.max": 0.97, "allocation.min": 0.05}, "allocation.max = 0.97"),
-    (["prune.sparsity=0.02"], {}, {"allocation.min": 0.02}, "allocation.min = 0.02"),
-    (["calibration.nsamples=2"], {}, {"absorption.probe_samples": 2}, "absorption.probe_samples = 2"),
-    (["calibration.seqlen=128"], {}, {"absorption.probe_seqlen": 128}, None),
-    ([], {"context": 256}, {"calibration.seqlen": 256, "validate.seqlen": 256, "absorption.probe_seqlen": 256},
-     "the model's context (256 tokens)"),
-    ([], {"dtype": "float16"}, {"export.dtype": "float16"}, None),
-    ([], {"dtype": "float32"}, {"export.dtype": "bfloat16"}, None),
-    (["export.dtype=float32"], {"dtype": "float16"}, {"export.dtype": "float32"}, None),
-])
-def test_a_default_follows_the_setting_it_depends_on(assignments, facts, expected, note):
-    r = rc.Recipe()
-    for a in assignments:
-        r = rc.override(r, a)
-    settled, notes = rc.settle(r, rc.ModelFacts(**facts))
-    rc.check(settled)
-    for key, value in expected.items():
-        node = settled
-        for part in key.split("."):
-            node = getattr(node, part)
-        assert node == value, key
-    assert (note is None and not notes) or any(note in n for n in notes), notes
-
-
-def test_an_explicit_value_never_follows_it_is_refused_when_contradictory():
-    r = rc.override(rc.override(rc.Recipe(), "prune.structure=2:4"), "absorption.enabled=true")
-    with pytest.raises(UserError, match="needs allocation.method: uniform and absorption.enabled: false"):
-        rc.check(r)
-    r = rc.override(rc.override(rc.Recipe(), "prune.sparsity=0.97"), "allocation.max=0.9")
-    with pytest.raises(UserError, match="outside"):
-        rc.check(r)
-
-
 def test_set_value_takes_typed_values_without_yaml():
     r = rc.set_value(rc.Recipe(), "calibration.text", "null", "--text")
     assert r.calibration.text == "null"

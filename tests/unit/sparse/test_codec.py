@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from absorbdeploy.bitmask import compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode
-from absorbdeploy.errors import UserError
+from absorbdeploy.sparse.codec import compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode
+from absorbdeploy.sparse.codec import PackedFormatError
 
 
 def test_bitmask_bytes_by_hand():
@@ -35,7 +35,7 @@ def test_two_four_refuses_a_tensor_that_is_not_two_four():
     parts = compress_24(ok)
     assert parts["shape"].tolist() == [[1], [8]] and parts["compressed"].shape == (1, 4)
     assert torch.equal(decompress_24(parts), ok)
-    with pytest.raises(UserError, match="not 2:4"):
+    with pytest.raises(PackedFormatError, match="not 2:4"):
         compress_24(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
 
 
@@ -54,7 +54,7 @@ def test_round_trip_is_exact_and_row_offsets_index_each_row(rows, columns, densi
 def test_a_bitmask_that_disagrees_with_its_values_is_refused():
     parts = compress_bitmask(torch.tensor([[1.0, 0.0, 2.0]]))
     parts["compressed"] = parts["compressed"][:1]
-    with pytest.raises(UserError, match="2 bits set, 1 values"):
+    with pytest.raises(PackedFormatError, match="2 bits set, 1 values"):
         decompress_bitmask(parts)
 
 
@@ -62,7 +62,7 @@ def test_a_bitmask_that_disagrees_with_its_values_is_refused():
 @given(rows=st.integers(1, 30), columns=st.integers(1, 9).map(lambda c: 8 * c), density=st.floats(0, 1),
        seed=st.integers(0, 10**6), data=st.data())
 def test_shards_equal_the_dense_slices(rows, columns, density, seed, data):
-    from absorbdeploy.bitmask import concat_rows, slice_columns, slice_rows
+    from absorbdeploy.sparse.codec import concat_rows, slice_columns, slice_rows
 
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(rows, columns, generator=g) * (torch.rand(rows, columns, generator=g) < density)).to(torch.bfloat16)
@@ -81,7 +81,7 @@ def test_shards_equal_the_dense_slices(rows, columns, density, seed, data):
 
 
 def test_a_row_parallel_cut_must_fall_on_a_bitmask_byte():
-    from absorbdeploy.bitmask import slice_columns
+    from absorbdeploy.sparse.codec import slice_columns
 
     with pytest.raises(ValueError, match="byte of the bitmask"):
         slice_columns(compress_bitmask(torch.ones(2, 16)), 4, 16)

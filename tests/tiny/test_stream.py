@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from absorbdeploy.stream import ShardIndex, ShardWriter
+from absorbdeploy.checkpoint import ShardIndex
 from tests.conftest import run_cli
 
 ARGS = ["--recipe", "smoke-tiny", "--formats", "vllm,compressed-safetensors", "--set", "validate.latency.enabled=false",
@@ -50,21 +50,3 @@ def test_streamed_exports_validate(runs):
     index = json.loads((folder / "on" / "vllm" / "model.safetensors.index.json").read_text())
     assert all((folder / "on" / "vllm" / f).is_file() for f in set(index["weight_map"].values()))
 
-
-def test_shard_writer_keeps_groups_together(tmp_path):
-    writer = ShardWriter(tmp_path, max_shard_bytes=100)
-    writer.add({"a": torch.zeros(20)})  # 80 bytes
-    writer.add({"m.shape": torch.zeros(2), "m.compressed": torch.zeros(10), "m.bitmask": torch.zeros(2)}, group=True)
-    writer.add({"b": torch.zeros(30)})
-    writer.finish()
-    index = ShardIndex(tmp_path)
-    assert len({index.map[k] for k in ("m.shape", "m.compressed", "m.bitmask")}) == 1
-    assert len(set(index.map.values())) == 3 and torch.equal(index.read(["b"])["b"], torch.zeros(30))
-
-
-def test_streaming_caps_the_shards_it_buffers():
-    """Pruned blocks wait in memory until their shard is written: streaming never buffers a 5 GB shard."""
-    from absorbdeploy.stream import STREAMING_SHARD_CAP, streaming_shard_bytes
-
-    assert streaming_shard_bytes("5GB") == STREAMING_SHARD_CAP < 10**9
-    assert streaming_shard_bytes("100MB") == 10**8

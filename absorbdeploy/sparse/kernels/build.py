@@ -1,4 +1,4 @@
-"""Compile the C++ kernels (bitmask_linear.cpp and the per-ISA files) once and load them into `torch.ops.absorbdeploy`.
+"""Compile the C++ kernels (bitmask_linear.cpp and every isa_<name>.cpp) once and load them into `torch.ops.absorbdeploy`.
 
 The shared object lives in `<cache>/<key>/absorbdeploy_kernels.so`, where `<cache>` is $ABSORBDEPLOY_KERNEL_CACHE or
 ~/.cache/absorbdeploy/kernels and `<key>` hashes the sources, the flags, torch's version and the compiler's
@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 
 NAME = "absorbdeploy_kernels"
-SOURCES = ("bitmask_linear.cpp", "bitmask_avx512.cpp", "bitmask_avx2.cpp", "bitmask_scalar.cpp")
-HEADERS = ("bitmask_kernels.h",)
+HERE = Path(__file__).resolve().parent
+# The op and its ISA table, then one file per ISA path (a new path is a new isa_<name>.cpp and its row in kIsaTable).
+SOURCES = ("bitmask_linear.cpp", *sorted(p.name for p in HERE.glob("isa_*.cpp")))
+HEADERS = tuple(sorted(p.name for p in HERE.glob("*.h")))
 FLAGS = ("-O3",)
 # at::parallel_for is inline OpenMP in torch's (GCC, libgomp) builds and runs serially without it; the GOMP symbols
 # resolve to the libgomp torch already loaded. Clang would bring its own runtime (libomp), so it goes without.
 GCC_FLAGS = ("-fopenmp",)
-HERE = Path(__file__).resolve().parent
 
 
 class BuildError(RuntimeError):

@@ -1,12 +1,14 @@
 """The served-sparse `bitmask` format inside vLLM: a quantization method whose Linear layers hold only the packed
-tensors and run absorbdeploy's CPU kernel (registered by vllm_plugin.py, in every vLLM process).
+tensors and run absorbdeploy's CPU kernel. `register` is the plugin (entry point `vllm.general_plugins`, which vLLM
+loads in each of its processes): it registers the model types `absorbdeploy_<base>` with transformers (vLLM reads
+config.json through AutoConfig) and the quantization method `absorbdeploy-bitmask` with vLLM; nothing else changes.
 
 vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj and calls a parameter's `weight_loader` once per
 checkpoint shard (shard id "q"/"k"/"v" or 0/1). The packed tensors have a data-dependent size, so each layer starts
 with empty placeholders whose loader keeps every shard's tensors; `process_weights_after_loading` cuts them for tensor
 parallelism (column-parallel: a range of output rows; row-parallel: a range of input columns, cutting every row's
-bitmask and values at the boundary; bitmask.slice_rows / slice_columns), stacks the shards of a fused layer
-(bitmask.concat_rows) and installs the result. Layers the checkpoint does not pack stay vLLM's own dense Linears.
+bitmask and values at the boundary; codec.slice_rows / slice_columns), stacks the shards of a fused layer
+(codec.concat_rows) and installs the result. Layers the checkpoint does not pack stay vLLM's own dense Linears.
 """
 
 import torch
@@ -17,10 +19,23 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from absorbdeploy.bitmask import PARTS, concat_rows, slice_columns, slice_rows
-from absorbdeploy.checkpoint import SERVED_SPARSE_METHOD
+from absorbdeploy.sparse.codec import (
+    PART_DTYPES, PARTS, SERVED_SPARSE_METHOD, FormatConfig, concat_rows, slice_columns, slice_rows,
+)
 
-PLACEHOLDER_DTYPES = {"compressed": torch.bfloat16, "bitmask": torch.uint8, "row_offsets": torch.int64, "shape": torch.int64}
+# Empty stand-ins until the loader hands over each shard's tensors (their dtype is the checkpoint's).
+PLACEHOLDER_DTYPES = {part: getattr(torch, dtype or "bfloat16") for part, dtype in PART_DTYPES.items()}
+
+
+def register() -> None:
+    """The vLLM plugin: teach this vLLM process our model types and quantization method (idempotent)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
+
+    from absorbdeploy.sparse.hf import register as register_with_transformers
+
+    register_with_transformers()
+    if SERVED_SPARSE_METHOD not in QUANTIZATION_METHODS:
+        register_quantization_config(SERVED_SPARSE_METHOD)(BitmaskConfig)
 
 
 class BitmaskLinearMethod(LinearMethodBase):
@@ -47,7 +62,7 @@ class BitmaskLinearMethod(LinearMethodBase):
             layer.register_parameter(part, param)
 
     def process_weights_after_loading(self, layer) -> None:
-        from absorbdeploy.kernels import ensure_loaded
+        from absorbdeploy.sparse.kernels import ensure_loaded
 
         ensure_loaded()  # define the op (and its fake) before any torch.compile trace
         packed = concat_rows([_shard(layer, shard_id) for shard_id in _shard_order(layer)])
@@ -90,11 +105,12 @@ def _shard(layer, shard_id) -> dict:
 
 
 class BitmaskConfig(QuantizationConfig):
-    """quantization_config of a `bitmask/` export: `targets` names the packed Linears (checkpoint module names)."""
+    """quantization_config of a `bitmask/` export (codec.FormatConfig): `targets` names the packed Linears."""
 
-    def __init__(self, targets=None, values_dtype: str = "bfloat16"):
+    def __init__(self, description: FormatConfig):
         super().__init__()
-        self.targets, self.values_dtype = set(targets or []), values_dtype
+        self.description = description
+        self.targets, self.values_dtype = set(description.targets), description.values_dtype
 
     def get_name(self) -> str:
         return SERVED_SPARSE_METHOD
@@ -112,7 +128,7 @@ class BitmaskConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> "BitmaskConfig":
-        return cls(config.get("targets"), config.get("values_dtype", "bfloat16"))
+        return cls(FormatConfig.from_dict(config))
 
     def get_quant_method(self, layer, prefix: str):
         if not isinstance(layer, LinearBase):

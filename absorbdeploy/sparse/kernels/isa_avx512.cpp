@@ -4,12 +4,14 @@
 
 #include <immintrin.h>
 
-#include "bitmask_kernels.h"
+#include "isa.h"
 
 #define AVX512_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,bmi,bmi2,popcnt,fma,f16c")))
 
 namespace absorbdeploy {
+
+namespace {
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
@@ -22,8 +24,6 @@ int64_t x_column_avx512(ValueType value_type, int64_t position) {
   if (value_type == ValueType::fp16) return position;
   return position < 16 ? 2 * position : 2 * (position - 16) + 1;  // bf16: even columns, then odd ones (see widen)
 }
-
-namespace {
 
 // The 32 columns whose mask is `bits` as 16-bit values in column order (zero where the bit is clear): vpexpandw of
 // the next 32 packed values. Reads 32 values at v, which may pass the row's end: the caller keeps them in bounds.
@@ -85,15 +85,10 @@ template <ValueType VT, int R, int NB>
 AVX512_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x, int64_t x_stride, float* y,
                               int64_t y_stride) {
   constexpr int A = R * NB <= 2 ? 4 : R * NB <= 4 ? 2 : 1;
-  __m512 acc[R][NB][A];
+  __m512 acc[R][NB][A] = {};
   const uint16_t* v[R];
   const uint8_t* mask[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = w.values + (w.row_offsets[r0 + i] - w.values_origin);
-    mask[i] = w.bitmask + (r0 + i) * w.mask_stride;
-    for (int b = 0; b < NB; ++b)
-      for (int a = 0; a < A; ++a) acc[i][b][a] = _mm512_setzero_ps();
-  }
+  for (int i = 0; i < R; ++i) v[i] = row_values(w, r0 + i), mask[i] = row_mask(w, r0 + i);
   const int64_t full = w.in_features / 64;
   uint64_t bits[R];
   for (int64_t word = 0; word < full; ++word) {
@@ -115,82 +110,44 @@ AVX512_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x
     }
 }
 
-// Rows r0 .. r0 + R - 1 against every batch row, kMaxBatchGroup batch rows per pass; the passes after the first
-// re-read the R rows' values from L1/L2, not from memory.
-template <ValueType VT, int R>
-AVX512_TARGET void gemv_block_all_batches(const BitmaskMatrix& w, const DecodeOutput& out, int64_t r0) {
-  static_assert(kMaxBatchGroup == 4, "the switch below covers 1 .. kMaxBatchGroup");
-  for (int64_t b0 = 0; b0 < out.batch; b0 += kMaxBatchGroup) {
-    const float* x = out.x + b0 * out.x_stride;
-    float* y = out.y + b0 * out.y_stride;
-    switch (out.batch - b0) {
-      case 1: gemv_block<VT, R, 1>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      case 2: gemv_block<VT, R, 2>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      case 3: gemv_block<VT, R, 3>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      default: gemv_block<VT, R, 4>(w, r0, x, out.x_stride, y, out.y_stride); break;
-    }
-  }
-}
-
+// One 64-column word (see isa_driver.h's decode_rows): two vpexpandw chunks, stored masked past `columns`.
 template <ValueType VT>
-AVX512_TARGET void gemv_rows(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end) {
-  int64_t r = row_begin;
-  for (; r + 2 <= row_end; r += 2) gemv_block_all_batches<VT, 2>(w, out, r);
-  if (r < row_end) gemv_block_all_batches<VT, 1>(w, out, r);
-}
-
-template <ValueType VT>
-AVX512_TARGET void decode_rows(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  const int64_t words = (w.in_features + 63) / 64;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const uint16_t* v = w.values + (w.row_offsets[r] - w.values_origin);
-    const int64_t row = (r - row_begin) * dense.stride;
-    for (int64_t word = 0; word < words; ++word) {
-      const uint64_t bits = mask_word(w, r, word);
-      const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
-      const __m512i chunk[2] = {expand32(lo, v), expand32(hi, v + _mm_popcnt_u32(lo))};
-      v += _mm_popcnt_u64(bits);
-      const int64_t column = 64 * word, left = w.in_features - column;
-      for (int h = 0; h < 2; ++h) {
-        if (dense.fp32) {
-          const __m512 f[2] = {to_fp32<VT>(_mm512_castsi512_si256(chunk[h])),
-                               to_fp32<VT>(_mm512_extracti64x4_epi64(chunk[h], 1))};
-          for (int i = 0; i < 2; ++i) {
-            const int64_t n = left - 32 * h - 16 * i;
-            float* out = dense.fp32 + row + column + 32 * h + 16 * i;
-            if (n >= 16)
-              _mm512_storeu_ps(out, f[i]);
-            else if (n > 0)
-              _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), f[i]);
-          }
-        } else {
-          const int64_t n = left - 32 * h;
-          uint16_t* out = dense.bits16 + row + column + 32 * h;
-          if (n >= 32)
-            _mm512_storeu_si512(out, chunk[h]);
-          else if (n > 0)
-            _mm512_mask_storeu_epi16(out, __mmask32((uint64_t(1) << n) - 1), chunk[h]);
-        }
+AVX512_TARGET inline void decode_word(uint64_t bits, const uint16_t*& v, const DenseTile& dense, int64_t at,
+                                      int64_t columns) {
+  const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
+  const __m512i chunk[2] = {expand32(lo, v), expand32(hi, v + _mm_popcnt_u32(lo))};
+  v += _mm_popcnt_u64(bits);
+  for (int h = 0; h < 2; ++h) {
+    if (dense.fp32) {
+      const __m512 f[2] = {to_fp32<VT>(_mm512_castsi512_si256(chunk[h])),
+                           to_fp32<VT>(_mm512_extracti64x4_epi64(chunk[h], 1))};
+      for (int i = 0; i < 2; ++i) {
+        const int64_t n = columns - 32 * h - 16 * i;
+        float* out = dense.fp32 + at + 32 * h + 16 * i;
+        if (n >= 16)
+          _mm512_storeu_ps(out, f[i]);
+        else if (n > 0)
+          _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), f[i]);
       }
+    } else {
+      const int64_t n = columns - 32 * h;
+      uint16_t* out = dense.bits16 + at + 32 * h;
+      if (n >= 32)
+        _mm512_storeu_si512(out, chunk[h]);
+      else if (n > 0)
+        _mm512_mask_storeu_epi16(out, __mmask32((uint64_t(1) << n) - 1), chunk[h]);
     }
   }
 }
+
+#define ISA_TARGET AVX512_TARGET
+#include "isa_driver.h"
 
 }  // namespace
 
-void gemv_rows_avx512(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end) {
-  if (w.value_type == ValueType::bf16)
-    gemv_rows<ValueType::bf16>(w, out, row_begin, row_end);
-  else
-    gemv_rows<ValueType::fp16>(w, out, row_begin, row_end);
-}
-
-void decode_rows_avx512(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  if (w.value_type == ValueType::bf16)
-    decode_rows<ValueType::bf16>(w, row_begin, row_end, dense);
-  else
-    decode_rows<ValueType::fp16>(w, row_begin, row_end, dense);
-}
+// The AVX-512 path wants x in its lane order: position p of each 32-column block holds column x_column_avx512(p).
+const IsaPath kIsaAvx512 = {"avx512", "x86-64 with avx512f, avx512bw, avx512vl, avx512dq, avx512vbmi2, bmi2", 2,
+                            cpu_has_avx512, gemv_entry, decode_entry, x_column_avx512};
 
 }  // namespace absorbdeploy
 

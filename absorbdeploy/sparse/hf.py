@@ -15,14 +15,10 @@ On CUDA the kernel does not run: after loading, the quantizer densifies (one war
 
 import logging
 
-from absorbdeploy.checkpoint import MODEL_TYPE_PREFIX, SERVED_SPARSE_METHOD
+from absorbdeploy.sparse.codec import SERVED_SPARSE_METHOD, FormatConfig, model_type_for
 
 log = logging.getLogger("absorbdeploy")
 _registered = False
-
-
-def model_type_for(base: str) -> str:
-    return MODEL_TYPE_PREFIX + base
 
 
 def _model_classes() -> dict:
@@ -68,16 +64,16 @@ def _config_class():
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     class BitmaskConfig(QuantizationConfigMixin):
-        """quantization_config of a `bitmask/` export: which Linears are packed, in what layout and value dtype."""
+        """quantization_config of a `bitmask/` export as transformers holds it: codec.FormatConfig's fields."""
 
-        def __init__(self, format: str = "sparse-bitmask", targets=None, values_dtype: str = "bfloat16", version: int = 1,
-                     **kwargs):
+        def __init__(self, **kwargs):
+            self.description = FormatConfig.from_dict(kwargs)
             self.quant_method = SERVED_SPARSE_METHOD
-            self.format, self.targets, self.values_dtype, self.version = format, list(targets or []), values_dtype, version
+            self.format, self.values_dtype = self.description.format, self.description.values_dtype
+            self.targets, self.version = list(self.description.targets), self.description.version
 
         def to_dict(self) -> dict:
-            return {"quant_method": SERVED_SPARSE_METHOD, "format": self.format, "targets": self.targets,
-                    "values_dtype": self.values_dtype, "version": self.version}
+            return self.description.to_dict()
 
     return BitmaskConfig
 
@@ -97,7 +93,7 @@ def _quantizer_class():
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from absorbdeploy.sparse_linear import densify
+            from absorbdeploy.sparse.linear import densify
 
             if any(b.device.type == "cuda" for b in model.buffers()):
                 count = densify(model)
@@ -118,11 +114,11 @@ def nnz_from_headers(checkpoint_files) -> dict[str, int]:
     """{module name: non-zeros} from the shards' safetensors headers (no tensor is read)."""
     from pathlib import Path
 
-    from absorbdeploy.checkpoint import check_safetensors
+    from absorbdeploy.checkpoint import read_header
 
     nnz = {}
     for file in checkpoint_files or []:
-        for key, info in check_safetensors(Path(file)).items():
+        for key, info in read_header(Path(file)).items():
             if key.endswith(".compressed"):
                 nnz[key[: -len(".compressed")]] = int(info["shape"][0])
     return nnz
@@ -133,7 +129,7 @@ def swap_linears(model, targets, nnz: dict[str, int], values_dtype: str) -> None
     import torch
 
     from absorbdeploy.errors import UserError
-    from absorbdeploy.sparse_linear import BitmaskLinear
+    from absorbdeploy.sparse.linear import BitmaskLinear
 
     for name in targets:
         if name not in nnz:

@@ -1,4 +1,4 @@
-"""`python -m absorbdeploy.kernels build`: compile the C++ kernels into the cache ahead of time (install.sh calls it).
+"""`python -m absorbdeploy.sparse.kernels build`: compile the C++ kernels into the cache ahead of time (install.sh calls it).
 
 Prints the shared object's path, the seconds it took and the ISA paths this CPU has; exits 1, with the reason on
 stderr, when the build fails (bitmask_linear then runs on the pure-torch reference).
@@ -10,11 +10,11 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m absorbdeploy.kernels")
+    parser = argparse.ArgumentParser(prog="python -m absorbdeploy.sparse.kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="compile the kernels into the cache (instant when already built)")
     parser.parse_args(argv)
-    from absorbdeploy.kernels import build, ops
+    from absorbdeploy.sparse.kernels import build, ops
 
     start = time.perf_counter()
     try:

@@ -11,7 +11,7 @@ import torch
 
 from absorbdeploy import exporters
 from absorbdeploy.runners import TorchRunner
-from absorbdeploy.sparse_linear import BitmaskLinear, resident_weight_bytes
+from absorbdeploy.sparse.linear import BitmaskLinear, resident_weight_bytes
 from tests.tiny.test_exporters import IDS, pruned_tiny
 
 

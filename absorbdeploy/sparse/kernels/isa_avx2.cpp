@@ -6,19 +6,19 @@
 
 #include <array>
 
-#include "bitmask_kernels.h"
+#include "isa.h"
 
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt")))
 
 namespace absorbdeploy {
+
+namespace {
 
 bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
-
-namespace {
 
 // bf16: 32-byte controls for vpshufb on the 16 packed bytes broadcast to both 128-bit halves; lane i of the result
 // is the fp32 whose high half is the value lane i receives (low half zero), so no separate widening is needed.
@@ -68,15 +68,10 @@ template <ValueType VT, int R, int NB>
 AVX2_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x, int64_t x_stride, float* y,
                             int64_t y_stride) {
   constexpr int A = R * NB <= 2 ? 2 : 1;
-  __m256 acc[R][NB][A];
+  __m256 acc[R][NB][A] = {};
   const uint16_t* v[R];
   const uint8_t* mask[R];
-  for (int i = 0; i < R; ++i) {
-    v[i] = w.values + (w.row_offsets[r0 + i] - w.values_origin);
-    mask[i] = w.bitmask + (r0 + i) * w.mask_stride;
-    for (int b = 0; b < NB; ++b)
-      for (int a = 0; a < A; ++a) acc[i][b][a] = _mm256_setzero_ps();
-  }
+  for (int i = 0; i < R; ++i) v[i] = row_values(w, r0 + i), mask[i] = row_mask(w, r0 + i);
   const int64_t words = (w.in_features + 63) / 64, full = w.in_features / 64;
   for (int64_t word = 0; word < words; ++word) {
     uint64_t bits[R];
@@ -109,82 +104,43 @@ AVX2_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x, 
     }
 }
 
-// Rows r0 .. r0 + R - 1 against every batch row, kMaxBatchGroup batch rows per pass (later passes hit L1/L2).
-template <ValueType VT, int R>
-AVX2_TARGET void gemv_block_all_batches(const BitmaskMatrix& w, const DecodeOutput& out, int64_t r0) {
-  static_assert(kMaxBatchGroup == 4, "the switch below covers 1 .. kMaxBatchGroup");
-  for (int64_t b0 = 0; b0 < out.batch; b0 += kMaxBatchGroup) {
-    const float* x = out.x + b0 * out.x_stride;
-    float* y = out.y + b0 * out.y_stride;
-    switch (out.batch - b0) {
-      case 1: gemv_block<VT, R, 1>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      case 2: gemv_block<VT, R, 2>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      case 3: gemv_block<VT, R, 3>(w, r0, x, out.x_stride, y, out.y_stride); break;
-      default: gemv_block<VT, R, 4>(w, r0, x, out.x_stride, y, out.y_stride); break;
-    }
-  }
-}
-
+// One 64-column word (see isa_driver.h's decode_rows), a bitmask byte at a time through the fp16 pshufb table.
 template <ValueType VT>
-AVX2_TARGET void gemv_rows(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end) {
-  int64_t r = row_begin;
-  for (; r + 2 <= row_end; r += 2) gemv_block_all_batches<VT, 2>(w, out, r);
-  if (r < row_end) gemv_block_all_batches<VT, 1>(w, out, r);
-}
-
-template <ValueType VT>
-AVX2_TARGET void decode_rows(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  const int64_t words = (w.in_features + 63) / 64;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const uint16_t* v = w.values + (w.row_offsets[r] - w.values_origin);
-    const int64_t row = (r - row_begin) * dense.stride;
-    for (int64_t word = 0; word < words; ++word) {
-      const uint64_t bits = mask_word(w, r, word);
-      for (int byte = 0; byte < 8; ++byte) {
-        const int64_t column = 64 * word + 8 * byte, left = w.in_features - column;
-        if (left <= 0) break;
-        const uint32_t m = uint32_t(bits >> (8 * byte)) & 0xff;
-        const __m128i control = _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.fp16[m]));
-        const __m128i packed = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), control);
-        v += _mm_popcnt_u32(m);
-        alignas(32) uint16_t bits16[8];
-        alignas(32) float fp32[8];
-        if (dense.fp32) {
-          const __m256 f = VT == ValueType::bf16
-                               ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(packed), 16))
-                               : _mm256_cvtph_ps(packed);
-          if (left >= 8) {
-            _mm256_storeu_ps(dense.fp32 + row + column, f);
-          } else {
-            _mm256_store_ps(fp32, f);
-            for (int64_t j = 0; j < left; ++j) dense.fp32[row + column + j] = fp32[j];
-          }
-        } else if (left >= 8) {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(dense.bits16 + row + column), packed);
-        } else {
-          _mm_store_si128(reinterpret_cast<__m128i*>(bits16), packed);
-          for (int64_t j = 0; j < left; ++j) dense.bits16[row + column + j] = bits16[j];
-        }
+AVX2_TARGET inline void decode_word(uint64_t bits, const uint16_t*& v, const DenseTile& dense, int64_t at,
+                                    int64_t columns) {
+  for (int byte = 0; byte < 8; ++byte) {
+    const int64_t column = at + 8 * byte, left = columns - 8 * byte;
+    if (left <= 0) break;
+    const uint32_t m = uint32_t(bits >> (8 * byte)) & 0xff;
+    const __m128i control = _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.fp16[m]));
+    const __m128i packed = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)), control);
+    v += _mm_popcnt_u32(m);
+    alignas(32) uint16_t bits16[8];
+    alignas(32) float fp32[8];
+    if (dense.fp32) {
+      const __m256 f = VT == ValueType::bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(packed), 16))
+                                             : _mm256_cvtph_ps(packed);
+      if (left >= 8) {
+        _mm256_storeu_ps(dense.fp32 + column, f);
+      } else {
+        _mm256_store_ps(fp32, f);
+        for (int64_t j = 0; j < left; ++j) dense.fp32[column + j] = fp32[j];
       }
+    } else if (left >= 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dense.bits16 + column), packed);
+    } else {
+      _mm_store_si128(reinterpret_cast<__m128i*>(bits16), packed);
+      for (int64_t j = 0; j < left; ++j) dense.bits16[column + j] = bits16[j];
     }
   }
 }
+
+#define ISA_TARGET AVX2_TARGET
+#include "isa_driver.h"
 
 }  // namespace
 
-void gemv_rows_avx2(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end) {
-  if (w.value_type == ValueType::bf16)
-    gemv_rows<ValueType::bf16>(w, out, row_begin, row_end);
-  else
-    gemv_rows<ValueType::fp16>(w, out, row_begin, row_end);
-}
-
-void decode_rows_avx2(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  if (w.value_type == ValueType::bf16)
-    decode_rows<ValueType::bf16>(w, row_begin, row_end, dense);
-  else
-    decode_rows<ValueType::fp16>(w, row_begin, row_end, dense);
-}
+const IsaPath kIsaAvx2 = {"avx2", "x86-64 with avx2, fma, f16c, bmi2", 1, cpu_has_avx2, gemv_entry, decode_entry, nullptr};
 
 }  // namespace absorbdeploy
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from absorbdeploy.bitmask import compress_bitmask
-from absorbdeploy.sparse_linear import BitmaskLinear, densify, resident_weight_bytes
+from absorbdeploy.sparse.codec import compress_bitmask
+from absorbdeploy.sparse.linear import BitmaskLinear, densify, resident_weight_bytes
 
 
 def _sparse_weight(rows=12, columns=20, seed=0):

@@ -1,18 +1,79 @@
-"""The bitmask codec: a pruned weight matrix as its non-zeros plus one bit per weight (pure functions over tensors).
+"""The bitmask codec and the served-sparse format's constants: a pruned weight matrix as its non-zeros plus one bit
+per weight (pure functions over tensors; imports nothing of absorbdeploy's, so every door and exporter can share it).
 
 Layout of compressed-tensors <= 0.14 (export §2.2), also what our served-sparse format and the CPU kernel read:
   sparse-bitmask     shape int64 [2] | compressed [nnz] (row-major non-zeros, the weight's dtype)
                      | bitmask uint8 [out, ceil(in/8)] | row_offsets int64 [out] (index of each row's first non-zero)
   sparse-24-bitmask  shape int64 [2, 1] | compressed [out, in/2] | bitmask uint8 [out, in/8]
 Bits are packed little-endian along the input dimension (numpy.packbits(bitorder="little")): bit j of row r is
-W[r, j] != 0. 2:4 keeps the two largest |w| of every group of 4 whatever the tensor holds, so `compress_24` refuses a
-tensor that is not 2:4 rather than silently re-pruning it.
+W[r, j] != 0. `unpack_bits` is the one decoder of that packing in Python (the C++ kernel has its own, kernels/isa.h).
+2:4 keeps the two largest |w| of every group of 4 whatever the tensor holds, so `compress_24` refuses a tensor that is
+not 2:4 rather than silently re-pruning it.
+
+The served-sparse `bitmask/` export stores the sparse-bitmask parts under `<module>.<part>` and describes them in
+config.json: model_type `absorbdeploy_<base>` and a `quantization_config` (`FormatConfig`) that both runtime doors
+(transformers: hf.py, vLLM: vllm.py) read the same way.
 """
 
-from absorbdeploy.errors import UserError
+from dataclasses import dataclass, field
 
-PARTS = ("shape", "compressed", "bitmask", "row_offsets")
+# The tensors of one packed module, by suffix, and their dtypes (None: the values dtype, one of VALUES_DTYPES).
+PART_DTYPES = {"shape": "int64", "compressed": None, "bitmask": "uint8", "row_offsets": "int64"}
+PARTS = tuple(PART_DTYPES)
 LAYOUTS = ("sparse-bitmask", "sparse-24-bitmask")
+SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-sparse format (same tensors as sparse-bitmask)
+MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
+VALUES_DTYPES = ("bfloat16", "float16")  # dtypes of `compressed` the kernel reads (kernels/isa.h ValueType)
+FORMAT_VERSION = 1
+
+
+class PackedFormatError(ValueError):
+    """Packed tensors that are inconsistent or cannot be encoded; the message names what and why."""
+
+
+@dataclass(frozen=True)
+class FormatConfig:
+    """The `quantization_config` of a `bitmask/` export: which Linears are packed (state-dict module names), in what
+    layout and values dtype. `from_dict` raises PackedFormatError for a layout, dtype or version it does not know."""
+
+    targets: tuple[str, ...] = ()
+    format: str = "sparse-bitmask"
+    values_dtype: str = "bfloat16"
+    version: int = FORMAT_VERSION
+    quant_method: str = field(default=SERVED_SPARSE_METHOD, init=False)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "FormatConfig":
+        config = dict(config or {})
+        made = cls(tuple(config.get("targets") or ()), config.get("format", "sparse-bitmask"),
+                   config.get("values_dtype", "bfloat16"), config.get("version", FORMAT_VERSION))
+        if made.format != "sparse-bitmask" or made.values_dtype not in VALUES_DTYPES or made.version != FORMAT_VERSION:
+            raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: unsupported format {made.format!r}, values_dtype "
+                                    f"{made.values_dtype!r} or version {made.version!r} (this absorbdeploy reads "
+                                    f"sparse-bitmask, {' or '.join(VALUES_DTYPES)}, version {FORMAT_VERSION})")
+        return made
+
+    def to_dict(self) -> dict:
+        return {"quant_method": self.quant_method, "format": self.format, "values_dtype": self.values_dtype,
+                "targets": list(self.targets), "version": self.version}
+
+
+def model_type_for(base: str) -> str:
+    """llama -> absorbdeploy_llama."""
+    return MODEL_TYPE_PREFIX + base
+
+
+def base_model_type(model_type: str) -> str:
+    """absorbdeploy_llama -> llama; any other model type unchanged."""
+    return model_type[len(MODEL_TYPE_PREFIX):] if model_type.startswith(MODEL_TYPE_PREFIX) else model_type
+
+
+def unpack_bits(bitmask, columns: int):
+    """bitmask uint8 [rows, ceil(columns / 8)] -> bool [rows, columns], bit j of byte k is column 8k + j."""
+    import torch
+
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bitmask.device)) & 1
+    return bits.reshape(bitmask.shape[0], 8 * bitmask.shape[1])[:, :columns].bool()
 
 
 def compress_bitmask(w) -> dict:
@@ -28,29 +89,35 @@ def compress_bitmask(w) -> dict:
 
 
 def decompress_bitmask(parts: dict):
-    """The dense W [out, in] in the dtype of `compressed`; `row_offsets` is not needed (the bits give the order)."""
-    import numpy as np
+    """The dense W [out, in] in the dtype of `compressed`; `row_offsets` is not needed (the bits give the order).
+    Raises PackedFormatError when the bitmask's set bits and the number of values differ."""
     import torch
 
     rows, columns = (int(v) for v in parts["shape"].reshape(-1))
-    mask = np.unpackbits(parts["bitmask"].numpy(), axis=-1, count=columns, bitorder="little").astype(bool)
+    mask = unpack_bits(parts["bitmask"].cpu(), columns)
     if int(mask.sum()) != parts["compressed"].numel():
-        raise UserError(f"bitmask and values disagree: {int(mask.sum())} bits set, {parts['compressed'].numel()} values")
+        raise PackedFormatError(f"bitmask and values disagree: {int(mask.sum())} bits set, "
+                                f"{parts['compressed'].numel()} values")
     dense = torch.zeros(rows, columns, dtype=parts["compressed"].dtype)
-    dense[torch.from_numpy(mask)] = parts["compressed"].reshape(-1)
+    dense[mask] = parts["compressed"].reshape(-1).cpu()
     return dense
 
 
+def _is_24(w) -> bool:
+    """At least 2 zeros in every group of 4 consecutive inputs of each row (masks.is_nm(w, 2, 4), kept here so that
+    the codec imports nothing of ours)."""
+    return w.shape[-1] % 4 == 0 and bool(((w.reshape(-1, 4) == 0).sum(dim=1) >= 2).all())
+
+
 def compress_24(w) -> dict:
+    """W [out, in] 2:4 sparse -> {shape [2, 1], compressed [out, in/2], bitmask}; PackedFormatError if not 2:4."""
     import numpy as np
     import torch
 
-    from absorbdeploy.masks import is_nm
-
     rows, columns = w.shape
-    if not is_nm(w, 2, 4):
-        raise UserError("sparse-24-bitmask refused: a tensor is not 2:4 sparse (some group of 4 inputs has fewer than 2 zeros); "
-                        "the legacy format would silently re-prune it")
+    if not _is_24(w):
+        raise PackedFormatError("sparse-24-bitmask refused: a tensor is not 2:4 sparse (some group of 4 inputs has fewer "
+                                "than 2 zeros); the legacy format would silently re-prune it")
     groups = w.reshape(-1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().float().topk(2, dim=1).indices, True)
     keep = keep.view(rows, columns)

@@ -1,11 +1,12 @@
 // absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias) = x @ W^T (+ bias), W stored in
-// the bitmask layout of absorbdeploy/bitmask.py::compress_bitmask (see bitmask_kernels.h).
+// the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h).
 //
 // Decode (flattened batch <= kDecodeBatch, or kDecodeBatchBf16 when the prefill GEMM would be bf16): fused, W never
 // materialised; rows split across torch's threads.
 // Prefill (larger batch): tiles of rows decoded to a dense scratch and multiplied with one GEMM each, in bf16 when x
 // and the values are bf16 (exact products, fp32 accumulation, one rounding), else in fp32.
-// The ISA path is picked per call: ABSORBDEPLOY_KERNEL_ISA = avx512 | avx2 | scalar | auto (default: the best one).
+// The ISA path is picked per call from kIsaTable: ABSORBDEPLOY_KERNEL_ISA = one of its names | auto (default: the best
+// one this CPU runs).
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -20,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "bitmask_kernels.h"
+#include "isa.h"
 
 namespace absorbdeploy {
 namespace {
@@ -33,59 +34,57 @@ constexpr int64_t kDecodeBatchBf16 = 10;
 constexpr int64_t kPrefillTileRows = 128;
 constexpr int64_t kDecodeWorkPerTask = 1 << 15;  // weight columns per parallel_for grain unit (rows x in_features)
 
-using GemvFn = void (*)(const BitmaskMatrix&, const DecodeOutput&, int64_t, int64_t);
-using DecodeFn = void (*)(const BitmaskMatrix&, int64_t, int64_t, const DenseTile&);
-
-struct Kernel {
-  std::string name;
-  GemvFn gemv;
-  DecodeFn decode;
-  int64_t (*x_column)(ValueType, int64_t);  // x's lane order within 32-column blocks; nullptr: natural order
+// The ISA table, best first; the allow-list, the error message and kernel_paths() all read it.
+const IsaPath* const kIsaTable[] = {
+#if defined(__x86_64__)
+    &kIsaAvx512,
+    &kIsaAvx2,
+#endif
+    &kIsaScalar,
 };
 
-// Best first. Torch's own cap (ATEN_CPU_CAPABILITY=avx2 | default) hides the wider paths too.
-const std::vector<Kernel>& available_kernels() {
-  static const std::vector<Kernel> kernels = [] {
-    std::vector<Kernel> k;
-#if defined(__x86_64__)
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512" && cpu_has_avx512())
-      k.push_back({"avx512", gemv_rows_avx512, decode_rows_avx512, x_column_avx512});
-    if ((cap == "AVX512" || cap == "AVX2") && cpu_has_avx2())
-      k.push_back({"avx2", gemv_rows_avx2, decode_rows_avx2, nullptr});
-#endif
-    k.push_back({"scalar", gemv_rows_scalar, decode_rows_scalar, nullptr});
+// torch's own cap (ATEN_CPU_CAPABILITY=avx2 | default) hides the wider paths too.
+int torch_capability() {
+  const std::string cap = at::get_cpu_capability();
+  return cap == "AVX512" ? 2 : cap == "AVX2" ? 1 : 0;
+}
+
+const std::vector<const IsaPath*>& available_kernels() {
+  static const std::vector<const IsaPath*> kernels = [] {
+    std::vector<const IsaPath*> k;
+    for (const IsaPath* path : kIsaTable)
+      if (path->torch_capability <= torch_capability() && path->cpu_has()) k.push_back(path);
     return k;
   }();
   return kernels;
 }
 
-std::string requirements(const std::string& path) {
-  if (path == "avx512") return "x86-64 with avx512f, avx512bw, avx512vl, avx512dq, avx512vbmi2, bmi2";
-  if (path == "avx2") return "x86-64 with avx2, fma, f16c, bmi2";
-  return "nothing";
+std::string joined(const std::vector<const IsaPath*>& paths) {
+  std::string names;
+  for (const IsaPath* p : paths) names += (names.empty() ? "" : ", ") + std::string(p->name);
+  return names;
 }
 
-const Kernel& select_kernel() {
+const IsaPath& select_kernel() {
   const char* env = std::getenv("ABSORBDEPLOY_KERNEL_ISA");
   const std::string want = env ? env : "";
   const auto& kernels = available_kernels();
-  if (want.empty() || want == "auto") return kernels.front();
-  TORCH_CHECK(want == "avx512" || want == "avx2" || want == "scalar", "ABSORBDEPLOY_KERNEL_ISA=", want,
-              " is not one of avx512, avx2, scalar, auto");
-  std::string names;
-  for (const auto& k : kernels) {
-    if (k.name == want) return k;
-    names += (names.empty() ? "" : ", ") + k.name;
-  }
-  TORCH_CHECK(false, "ABSORBDEPLOY_KERNEL_ISA=", want, " asks for the ", want, " path, which needs ",
-              requirements(want), " (and ATEN_CPU_CAPABILITY not capping it below); not available here (paths ",
-              "available here: ", names, ")");
+  if (want.empty() || want == "auto") return *kernels.front();
+  const IsaPath* known = nullptr;
+  for (const IsaPath* path : kIsaTable)
+    if (want == path->name) known = path;
+  const std::vector<const IsaPath*> all(std::begin(kIsaTable), std::end(kIsaTable));
+  TORCH_CHECK(known != nullptr, "ABSORBDEPLOY_KERNEL_ISA=", want, " is not one of ", joined(all), ", auto");
+  for (const IsaPath* path : kernels)
+    if (path == known) return *path;
+  TORCH_CHECK(false, "ABSORBDEPLOY_KERNEL_ISA=", want, " asks for the ", want, " path, which needs ", known->needs,
+              " (and ATEN_CPU_CAPABILITY not capping it below); not available here (paths available here: ",
+              joined(kernels), ")");
 }
 
 std::vector<std::string> kernel_paths() {
   std::vector<std::string> names;
-  for (const auto& k : available_kernels()) names.push_back(k.name);
+  for (const IsaPath* path : available_kernels()) names.push_back(path->name);
   return names;
 }
 
@@ -148,7 +147,7 @@ void check_row_offsets(const int64_t* offsets, int64_t rows, int64_t nnz) {
 }
 
 // x [batch, in] fp32 -> rows zero-padded to a multiple of kXBlock columns, in the kernel's lane order.
-at::Tensor prepare_decode_x(const at::Tensor& x, const Kernel& kernel, ValueType value_type) {
+at::Tensor prepare_decode_x(const at::Tensor& x, const IsaPath& kernel, ValueType value_type) {
   const int64_t batch = x.size(0), in = x.size(1), stride = (in + kXBlock - 1) / kXBlock * kXBlock;
   int64_t order[32];
   for (int64_t p = 0; p < 32; ++p) order[p] = kernel.x_column ? kernel.x_column(value_type, p) : p;
@@ -168,7 +167,7 @@ at::Tensor prepare_decode_x(const at::Tensor& x, const Kernel& kernel, ValueType
   return padded;
 }
 
-void decode(const Kernel& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
+void decode(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
             at::Tensor& y) {
   const at::Tensor xp = prepare_decode_x(x, kernel, w.value_type);
   const DecodeOutput out{xp.const_data_ptr<float>(), xp.size(1), x.size(0), y.mutable_data_ptr<float>(), rows};
@@ -182,7 +181,7 @@ void decode(const Kernel& kernel, const BitmaskMatrix& w, int64_t rows, int64_t 
 
 // One tile of y^T: rows [r0, r1) of W decoded densely into `dense` (fp32, or bf16 bits when the GEMM is bf16) and
 // multiplied with x^T (x already in the GEMM's dtype); the bias, when given, is added inside the GEMM.
-void prefill_tile(const Kernel& kernel, const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t r0,
+void prefill_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t r0,
                   int64_t r1, at::Tensor& dense, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                   at::Tensor& y_t) {
   const bool bf16 = dense.scalar_type() == at::kBFloat16;
@@ -203,7 +202,7 @@ void prefill_tile(const Kernel& kernel, const BitmaskMatrix& w, int64_t nnz, int
 // y^T [rows, batch], tiles of kPrefillTileRows rows split across threads, each tile's GEMM on its own thread
 // (measured on 4096 x 11008, batch 40 and 512: as fast as or faster than serial tiles with threaded GEMMs, and as
 // 32-row or 512-row tiles).
-void prefill(const Kernel& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
+void prefill(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
              const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
   const int64_t bounced_from = first_bounced_row(w, rows, nnz);
   const int64_t tiles = (rows + kPrefillTileRows - 1) / kPrefillTileRows;
@@ -227,7 +226,7 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values_in, 
                               const at::Tensor& row_offsets_in, int64_t in_features,
                               const c10::optional<at::Tensor>& bias) {
   check_inputs(x, values_in, bitmask_in, row_offsets_in, in_features, bias);
-  const Kernel& kernel = select_kernel();
+  const IsaPath& kernel = select_kernel();
   const at::Tensor values = values_in.contiguous(), bitmask = bitmask_in.contiguous(),
                    row_offsets = row_offsets_in.contiguous();
   const int64_t rows = bitmask.size(0), nnz = values.numel(), batch = in_features ? x.numel() / in_features : 0;

@@ -1,6 +1,6 @@
 """`BitmaskLinear`: an nn.Linear whose weight is held only in the bitmask layout and multiplied by our kernel.
 
-Buffers (the names and layout of bitmask.py, as stored on disk): `compressed` [nnz] bf16/fp16 non-zeros in row-major
+Buffers (codec.PARTS, as stored on disk): `compressed` [nnz] bf16/fp16 non-zeros in row-major
 order, `bitmask` uint8 [out, ceil(in/8)], `row_offsets` int64 [out], `shape` int64 [2]; `bias` [out] stays a float
 parameter. `forward` calls torch.ops.absorbdeploy.bitmask_linear (kernels/), which never materialises a dense W for
 decode-sized batches. Casting the module (`model.to(torch.float32)`, `.half()`) moves the packed values between devices
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-PACKED = ("compressed", "bitmask", "row_offsets", "shape")
+from absorbdeploy.sparse.codec import PARTS, decompress_bitmask
 
 
 class BitmaskLinear(torch.nn.Module):
@@ -29,29 +29,27 @@ class BitmaskLinear(torch.nn.Module):
 
     @classmethod
     def from_parts(cls, parts: dict, bias=None) -> "BitmaskLinear":
-        """From bitmask.compress_bitmask's dict (or the tensors read from disk)."""
+        """From codec.compress_bitmask's dict (or the tensors read from disk)."""
         rows, columns = (int(v) for v in parts["shape"].reshape(-1))
         module = cls(columns, rows, parts["compressed"].numel(), bias is not None, parts["compressed"].dtype)
-        for name in PACKED:
+        for name in PARTS:
             getattr(module, name).copy_(parts[name].reshape(getattr(module, name).shape))
         if bias is not None:
             module.bias.data.copy_(bias)
         return module
 
     def forward(self, x):
-        from absorbdeploy.kernels import bitmask_linear
+        from absorbdeploy.sparse.kernels import bitmask_linear
 
         return bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias)
 
     def dense_weight(self):
         """W [out, in] in the values' dtype (for densifying on devices the kernel does not serve)."""
-        from absorbdeploy.bitmask import decompress_bitmask
-
         parts = {"shape": self.shape.cpu(), "bitmask": self.bitmask.cpu(), "compressed": self.compressed.cpu()}
         return decompress_bitmask(parts).to(self.compressed.device)
 
     def packed_bytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PACKED)
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PARTS)
 
     def _apply(self, fn, recurse=True):
         values = self._buffers.pop("compressed")

@@ -1,5 +1,5 @@
 """`torch.ops.absorbdeploy.bitmask_linear`: y = x @ W^T (+ bias) with W in the bitmask layout of
-bitmask.py::compress_bitmask, its pure-torch reference, and the lazy loading that defines it.
+sparse/codec.py::compress_bitmask, its pure-torch reference, and the lazy loading that defines it.
 
 The op is defined on the first `ensure_loaded()` (which `bitmask_linear` calls): by the compiled C++ library when it
 builds, otherwise, after one warning, in Python with the reference as its CPU kernel, so callers always use the same
@@ -11,6 +11,8 @@ import threading
 import warnings
 
 import torch
+
+from absorbdeploy.sparse.codec import unpack_bits
 
 SCHEMA = "(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias) -> Tensor"
 ISA_VARIABLE = "ABSORBDEPLOY_KERNEL_ISA"
@@ -26,8 +28,7 @@ def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, 
     Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz.
     """
     rows = bitmask.shape[0]
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1  # little-endian within each byte
-    mask = bits.reshape(rows, -1)[:, :in_features].bool()
+    mask = unpack_bits(bitmask, in_features)
     dense = torch.zeros(rows, in_features, dtype=torch.float32)
     dense[mask] = values.float()
     y = x.float() @ dense.T
@@ -60,14 +61,14 @@ def _define_in_python() -> None:
 def ensure_loaded() -> str:
     """Define the op once per process; returns its backend, "extension" or "reference".
 
-    Builds the C++ kernels on first use (absorbdeploy.kernels.build). If that fails (no compiler, no ninja, a failed
+    Builds the C++ kernels on first use (kernels/build.py). If that fails (no compiler, no ninja, a failed
     compile) warns once, saying why, and falls back to the reference.
     """
     if "backend" in _state:
         return _state["backend"]
     with _lock:
         if "backend" not in _state:
-            from absorbdeploy.kernels import build
+            from absorbdeploy.sparse.kernels import build
 
             try:
                 build.load()
@@ -108,12 +109,3 @@ def active_path() -> str:
         _check_no_forced_path()
         return "reference"
     return torch.ops.absorbdeploy.kernel_active_path()
-
-
-def pack_bitmask(weight: torch.Tensor) -> dict:
-    """weight [out, in] bf16/fp16 -> {"values" [nnz], "bitmask" uint8 [out, ceil(in / 8)], "row_offsets" int64 [out]},
-    exactly as the compressed-safetensors exporter writes them."""
-    from absorbdeploy.bitmask import compress_bitmask
-
-    parts = compress_bitmask(weight)
-    return {"values": parts["compressed"], "bitmask": parts["bitmask"], "row_offsets": parts["row_offsets"]}

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from absorbdeploy import kernels
+from absorbdeploy.sparse import kernels
+from absorbdeploy.sparse.codec import compress_bitmask
 
 PATHS = ["avx512", "avx2", "scalar", "reference"]
 VALUE_DTYPES = [torch.bfloat16, torch.float16]
@@ -39,7 +40,7 @@ def make_weight(out, inn, sparsity, dtype, seed=0):
 
 def run(path, x, parts, in_features, bias=None):
     fn = kernels.bitmask_linear_reference if path == "reference" else kernels.bitmask_linear
-    return fn(x, parts["values"], parts["bitmask"], parts["row_offsets"], in_features, bias)
+    return fn(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], in_features, bias)
 
 
 def assert_matches(y, x, w, bias=None):
@@ -65,7 +66,7 @@ def test_shapes_sparsities_batches_and_dtypes(path, value_dtype):
     for k, (out, inn) in enumerate([(1, 7), (3, 13), (37, 100), (5, 129), (576, 1536)]):
         for sparsity in (0.0, 0.5, 0.99):
             w = make_weight(out, inn, sparsity, value_dtype, seed=k)
-            parts = kernels.pack_bitmask(w)
+            parts = compress_bitmask(w)
             bias = torch.randn(out)
             for batch in (1, 3, 10, 11, 16, 17, 40):
                 for i, x_dtype in enumerate(X_DTYPES):
@@ -86,7 +87,7 @@ def test_row_patterns(path, value_dtype):
     two_four[:, :, 1::2] = 0  # 2:4
     empty, one_row = torch.zeros(9, 70, dtype=value_dtype), make_weight(1, 333, 0.3, value_dtype)
     for weight in (w, two_four.view(16, 96), empty, one_row):
-        parts = kernels.pack_bitmask(weight)
+        parts = compress_bitmask(weight)
         for batch in (1, 2, 16, 17, 40):
             x = torch.randn(batch, weight.shape[1])
             assert_matches(run(path, x, parts, weight.shape[1]), x, weight)
@@ -94,7 +95,7 @@ def test_row_patterns(path, value_dtype):
 
 def test_three_dimensional_input(path):
     w = make_weight(33, 70, 0.6, torch.bfloat16)
-    parts = kernels.pack_bitmask(w)
+    parts = compress_bitmask(w)
     bias = torch.randn(33)
     for shape in ((2, 5, 70), (2, 20, 70)):  # 10 rows decode, 40 rows prefill
         x = torch.randn(*shape)
@@ -113,7 +114,7 @@ def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_d
     w = make_weight(out, inn, sparsity, value_dtype, seed)
     x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
     bias = torch.randn(out).to(x_dtype) if with_bias else None
-    parts = kernels.pack_bitmask(w)
+    parts = compress_bitmask(w)
     previous = os.environ.get(kernels.ISA_VARIABLE)
     os.environ[kernels.ISA_VARIABLE] = "auto" if path == "reference" else path
     try:
@@ -130,7 +131,8 @@ def test_no_read_past_the_end_of_values():
     code = """
         import ctypes, mmap, os
         import torch
-        from absorbdeploy import kernels
+        from absorbdeploy.sparse import kernels
+        from absorbdeploy.sparse.codec import compress_bitmask
 
         def guarded(values):
             page, nbytes = mmap.PAGESIZE, values.numel() * values.element_size()
@@ -148,8 +150,8 @@ def test_no_read_past_the_end_of_values():
                                                      (40, 33, torch.bfloat16)):
                 w = torch.randn(out_features, in_features).to(dtype)
                 w[: out_features // 2, ::3] = 0  # the first rows sparse, the last ones dense
-                parts = kernels.pack_bitmask(w)
-                values, keep = guarded(parts["values"])
+                parts = compress_bitmask(w)
+                values, keep = guarded(parts["compressed"])
                 for batch in (1, 5, 17):
                     x = torch.randn(batch, in_features)
                     y = kernels.bitmask_linear(x, values, parts["bitmask"], parts["row_offsets"], in_features)
@@ -164,31 +166,31 @@ def test_no_read_past_the_end_of_values():
 class SparseLinear(torch.nn.Module):
     def __init__(self, weight, bias):
         super().__init__()
-        for name, tensor in kernels.pack_bitmask(weight).items():
+        for name, tensor in compress_bitmask(weight).items():
             self.register_buffer(name, tensor)
         self.register_buffer("bias", bias)
         self.in_features = weight.shape[1]
 
     def forward(self, x):
-        y = kernels.bitmask_linear(x, self.values, self.bitmask, self.row_offsets, self.in_features, self.bias)
-        return torch.relu(y) * 2
+        return kernels.bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_computes_the_true_product():
+    """The compiled graph calls the op (fullgraph: no break around it) and gives x @ W^T + b, decode and prefill."""
     kernels.ensure_loaded()
-    module = SparseLinear(make_weight(48, 80, 0.7, torch.bfloat16), torch.randn(48))
-    compiled = torch.compile(module, fullgraph=True)
+    weight, bias = make_weight(48, 80, 0.7, torch.bfloat16), torch.randn(48)
+    compiled = torch.compile(SparseLinear(weight, bias), fullgraph=True)
     for batch in (1, 3, 20):
         x = torch.randn(batch, 80)
-        torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=0)
+        assert_matches(compiled(x), x, weight, bias)
 
 
 def test_unknown_path_name_raises(monkeypatch):
     kernels.ensure_loaded()
     monkeypatch.setenv(kernels.ISA_VARIABLE, "sse9")
-    parts = kernels.pack_bitmask(make_weight(4, 8, 0.5, torch.bfloat16))
+    parts = compress_bitmask(make_weight(4, 8, 0.5, torch.bfloat16))
     with pytest.raises(RuntimeError, match="ABSORBDEPLOY_KERNEL_ISA=sse9 is not one of avx512, avx2, scalar, auto"):
-        kernels.bitmask_linear(torch.randn(1, 8), parts["values"], parts["bitmask"], parts["row_offsets"], 8)
+        kernels.bitmask_linear(torch.randn(1, 8), parts["compressed"], parts["bitmask"], parts["row_offsets"], 8)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -202,11 +204,12 @@ def test_forcing_a_path_the_cpu_lacks_raises_a_clear_error():
         pytest.skip("no x86 SIMD path on this machine")
     code = """
         import torch
-        from absorbdeploy import kernels
-        parts = kernels.pack_bitmask(torch.eye(8, dtype=torch.bfloat16))
+        from absorbdeploy.sparse import kernels
+        from absorbdeploy.sparse.codec import compress_bitmask
+        parts = compress_bitmask(torch.eye(8, dtype=torch.bfloat16))
         print(kernels.available_paths())
         try:
-            kernels.bitmask_linear(torch.randn(1, 8), parts["values"], parts["bitmask"], parts["row_offsets"], 8)
+            kernels.bitmask_linear(torch.randn(1, 8), parts["compressed"], parts["bitmask"], parts["row_offsets"], 8)
         except RuntimeError as e:
             print(str(e).splitlines()[0])
     """
@@ -230,15 +233,16 @@ def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, com
     code = f"""
         import sys, warnings
         import torch
-        from absorbdeploy import kernels
+        from absorbdeploy.sparse import kernels
+        from absorbdeploy.sparse.codec import compress_bitmask
         assert "torch.utils.cpp_extension" not in sys.modules  # importing compiles nothing
         w = torch.randn(30, 50).bfloat16()
         w[w.abs() < 0.8] = 0
-        parts = kernels.pack_bitmask(w)
+        parts = compress_bitmask(w)
         x = torch.randn(3, 50)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            args = (x, parts["values"], parts["bitmask"], parts["row_offsets"], 50)
+            args = (x, parts["compressed"], parts["bitmask"], parts["row_offsets"], 50)
             ys = [kernels.bitmask_linear(*args)]  # the first call loads (and warns); the op itself afterwards
             ys += [torch.ops.absorbdeploy.bitmask_linear(*args, None) for _ in range(2)]
         ref = x @ w.float().T

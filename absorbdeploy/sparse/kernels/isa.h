@@ -1,7 +1,9 @@
-// Per-ISA kernels of absorbdeploy::bitmask_linear. Plain C++ (no torch headers) so each ISA file compiles fast and
-// on its own target attributes; bitmask_linear.cpp does the torch side (checks, x preparation, threads, GEMM).
+// What every ISA path of absorbdeploy::bitmask_linear shares. Plain C++ (no torch headers) so each isa_<name>.cpp
+// compiles fast and on its own target attributes; bitmask_linear.cpp does the torch side (checks, x preparation,
+// threads, GEMM) and holds the ISA table. A new ISA path is one isa_<name>.cpp (its arithmetic, then isa_driver.h,
+// then its IsaPath) plus its row in kIsaTable; a new values dtype is one ValueType plus its arithmetic in each path.
 //
-// The weight W [rows, in_features] is stored as absorbdeploy/bitmask.py::compress_bitmask writes it:
+// The weight W [rows, in_features] is stored as absorbdeploy/sparse/codec.py::compress_bitmask writes it:
 //   values      [nnz] bf16 or fp16 bits, the non-zeros of W in row-major order,
 //   bitmask     [rows, mask_stride] uint8, bit j of row r set iff W[r, j] != 0, little-endian along the input dim,
 //   row_offsets [rows] int64, index in values of each row's first non-zero.
@@ -9,10 +11,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace absorbdeploy {
 
-enum class ValueType { bf16, fp16 };
+enum class ValueType { bf16, fp16 };  // codec.VALUES_DTYPES: bfloat16, float16
 
 // Every kernel may read up to kValueOverread values past the end of a row's non-zeros (full-width vector loads);
 // the caller guarantees those reads stay inside `values` (bitmask_linear.cpp bounces the last rows).
@@ -43,9 +46,6 @@ struct DecodeOutput {
   int64_t y_stride;
 };
 
-// The AVX-512 path wants x in its lane order: position p of each 32-column block holds column x_column_avx512(p).
-int64_t x_column_avx512(ValueType value_type, int64_t position);
-
 // Rows [row_begin, row_end) of W written densely, row r at (r - row_begin) * stride: as fp32 into `fp32`, or, when
 // that is null, as the values' own 16-bit patterns into `bits16` (zeros where the bitmask is clear).
 struct DenseTile {
@@ -54,17 +54,39 @@ struct DenseTile {
   int64_t stride;
 };
 
-void gemv_rows_scalar(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
-void decode_rows_scalar(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
+using GemvFn = void (*)(const BitmaskMatrix&, const DecodeOutput&, int64_t row_begin, int64_t row_end);
+using DecodeFn = void (*)(const BitmaskMatrix&, int64_t row_begin, int64_t row_end, const DenseTile&);
 
+// One row of the ISA table (bitmask_linear.cpp): the name ABSORBDEPLOY_KERNEL_ISA selects it by, what it needs (said
+// when it is asked for and missing), whether this CPU and torch's capability cap let it run, and its two kernels.
+struct IsaPath {
+  const char* name;
+  const char* needs;
+  int torch_capability;  // lowest at::get_cpu_capability() it runs under: 0 DEFAULT, 1 AVX2, 2 AVX512
+  bool (*cpu_has)();
+  GemvFn gemv;           // y rows [row_begin, row_end) for every batch row (decode batches)
+  DecodeFn decode;       // W rows [row_begin, row_end) written densely (prefill tiles)
+  // x's lane order within 32-column blocks: position p holds column x_column(value_type, p); nullptr: natural order
+  int64_t (*x_column)(ValueType, int64_t);
+};
+
+extern const IsaPath kIsaScalar;
 #if defined(__x86_64__)
-bool cpu_has_avx512();
-bool cpu_has_avx2();
-void gemv_rows_avx512(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
-void decode_rows_avx512(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
-void gemv_rows_avx2(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_begin, int64_t row_end);
-void decode_rows_avx2(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense);
+extern const IsaPath kIsaAvx512;
+extern const IsaPath kIsaAvx2;
 #endif
+
+template <ValueType VT>
+using ValueTag = std::integral_constant<ValueType, VT>;
+
+// Calls fn(ValueTag<VT>{}) for the matrix's values dtype (decltype(tag)::value is VT): the one switch over ValueType.
+template <typename F>
+inline void with_value_type(ValueType value_type, F&& fn) {
+  switch (value_type) {
+    case ValueType::bf16: fn(ValueTag<ValueType::bf16>{}); break;
+    case ValueType::fp16: fn(ValueTag<ValueType::fp16>{}); break;
+  }
+}
 
 // Software prefetch far ahead of the value and bitmask streams. Measured on 4096 x 11008 at 70 % sparsity, batch 1,
 // 2 threads, right after a dense fp32 GEMV: 1.83 ms without, 0.85-0.88 ms at 16-32 KiB ahead, 1.3 ms at 4 KiB.
@@ -74,6 +96,10 @@ inline void prefetch_ahead(const uint16_t* values, const uint8_t* mask) {  // in
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(values) + kPrefetchValueBytes));
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(mask) + kPrefetchMaskBytes));
 }
+
+// Where row r's non-zeros and its bitmask bytes start.
+inline const uint16_t* row_values(const BitmaskMatrix& w, int64_t r) { return w.values + (w.row_offsets[r] - w.values_origin); }
+inline const uint8_t* row_mask(const BitmaskMatrix& w, int64_t r) { return w.bitmask + r * w.mask_stride; }
 
 inline uint64_t load_word(const uint8_t* bytes) {
   uint64_t bits;
@@ -86,7 +112,7 @@ inline uint64_t load_word(const uint8_t* bytes) {
 
 // The bitmask bits of row r, columns [64 * word, 64 * word + 64), with bits at or past in_features cleared.
 inline uint64_t mask_word(const BitmaskMatrix& w, int64_t r, int64_t word) {
-  const uint8_t* bytes = w.bitmask + r * w.mask_stride + 8 * word;
+  const uint8_t* bytes = row_mask(w, r) + 8 * word;
   const int64_t valid = w.in_features - 64 * word;
   if (valid >= 64) return load_word(bytes);
   uint64_t bits = 0;

@@ -1,0 +1,80 @@
+"""The prune plan: every decision a recipe's prune, allocation, calibration and absorption sections imply, made once.
+
+Which pruner and allocator (their table entries in prune.PRUNERS and allocate.ALLOCATORS, with their typed options),
+which calibration statistic the pruner reads, whether the one dense pass is needed and whether it accumulates Hessians,
+whether blocks are pruned from that pass or sequentially, and which absorption correction applies ("auto" resolved
+through the allocator's entry). `pipeline.prune_model`, `pipeline.analyze`, `prune_blocks`, `probe`, the recipe rules
+and `bench/` read the plan instead of deriving any of this again; adding a pruner is one PRUNERS row plus its options.
+"""
+
+from dataclasses import dataclass
+
+from absorbdeploy.allocate import ALLOCATORS, Allocator
+from absorbdeploy.prune import PRUNERS, Pruner, Statistic
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What prunes one matrix: a pruner from prune.PRUNERS, its options section (or None), the N:M structure (or None)."""
+
+    pruner: Pruner
+    options: object = None
+    nm: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, section) -> "PruneSpec":
+        """From a recipe's prune section: its method's table entry, that method's options section, the structure."""
+        pruner = PRUNERS[section.method]
+        return cls(pruner, getattr(section, pruner.options) if pruner.options else None, section.structure)
+
+    @property
+    def statistic(self) -> Statistic:
+        return self.pruner.needs
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    spec: PruneSpec
+    allocation: str  # allocation.method, a key of ALLOCATORS
+    allocator: Allocator
+    allocation_options: object  # allocation.<method>, or None for allocators without options
+    sparsity: float  # the global target S over the decoder Linears
+    low: float  # allocation.min
+    high: float  # allocation.max
+    from_dense_pass: bool  # prune every block from the dense pass's statistics (else sequentially, the anchors' protocol)
+    absorption: bool  # the absorption probe and correction run
+    correction: str  # how the correction composes with the base ("additive" | "multiplicative"; "auto" resolved)
+    probe_states: tuple[int, int] | None  # (samples, seqlen) of the probe's dense hidden states, when it runs
+
+    @classmethod
+    def of(cls, recipe, probe_all: bool = False) -> "PrunePlan":
+        """From a settled recipe. `probe_all`: the command probes whatever absorption.enabled says (analyze)."""
+        r, a, ab = recipe, recipe.allocation, recipe.absorption
+        spec = PruneSpec.of(r.prune)
+        allocator = ALLOCATORS[a.method]
+        absorption = bool(ab.enabled) or probe_all
+        from_dense_pass = spec.statistic == Statistic.NOTHING or r.calibration.statistics == "dense"
+        return cls(spec, a.method, allocator, getattr(a, a.method, None), r.prune.sparsity, a.min, a.max, from_dense_pass,
+                   absorption, allocator.correction if ab.mode == "auto" else ab.mode,
+                   (ab.probe_samples, ab.probe_seqlen) if absorption else None)
+
+    @property
+    def dense_statistics(self) -> bool:
+        """The pruner reads statistics and takes them from the one dense pass."""
+        return self.from_dense_pass and self.spec.statistic != Statistic.NOTHING
+
+    @property
+    def needs_dense_pass(self) -> bool:
+        """The one dense calibration pass runs: the allocator reads input norms, the probe runs, or the pruner takes
+        its statistics from it."""
+        return self.allocator.needs_norms or self.absorption or self.dense_statistics
+
+    @property
+    def dense_pass_hessian(self) -> bool:
+        """The dense pass accumulates Hessians: a Hessian pruner prunes from it, or the probe prunes with it."""
+        return self.spec.statistic == Statistic.HESSIAN and (self.dense_statistics or self.absorption)
+
+    @property
+    def sequential_hessian(self) -> bool:
+        """The sequential pass accumulates Hessians (its pruner reads them)."""
+        return self.spec.statistic == Statistic.HESSIAN

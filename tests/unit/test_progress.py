@@ -1,0 +1,75 @@
+"""What a run shows and records per stage: numbered stage lines, block progress at quarters in logs, nothing when quiet,
+and each stage's wall time and peak resident memory, also when the stage fails."""
+
+import io
+import time
+
+import pytest
+from rich.console import Console
+
+from absorbdeploy.progress import Progress
+
+
+def _plain(quiet: bool = False):
+    buffer = io.StringIO()
+    return Progress(3, quiet=quiet, console=Console(file=buffer, force_terminal=False, width=200)), buffer
+
+
+def test_stages_are_numbered_logged_and_timed():
+    progress, out = _plain()
+    with progress.stage("load", "builtin:tiny-llama"):
+        time.sleep(0.05)
+    with progress.stage("data"):
+        pass
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[1/3] load       builtin:tiny-llama" and lines[2] == "[2/3] data"
+    assert lines[1].strip().startswith("done in") and lines[1].strip().endswith(" s")
+    assert list(progress.stages) == ["load", "data"]
+    assert progress.stages["load"]["seconds"] >= 0.05 and progress.stages["data"]["seconds"] >= 0
+    assert progress.stages["load"]["peak_rss_mb"] > 10  # a Python process with rich and psutil loaded
+
+
+def test_peak_memory_catches_an_allocation_released_before_the_stage_ends():
+    progress, _ = _plain()
+    with progress.stage("before"):
+        pass
+    with progress.stage("allocate"):
+        block = b"\x01" * (300 * 2**20)  # 300 MiB, touched
+        time.sleep(0.5)  # several 50 ms samples while it is held
+        del block
+    assert progress.stages["allocate"]["peak_rss_mb"] >= progress.stages["before"]["peak_rss_mb"] + 250
+
+
+def test_block_progress_is_logged_at_quarters_without_a_terminal():
+    progress, out = _plain()
+    bar = progress.blocks("dense pass")
+    for done in range(1, 9):
+        bar.advance(done, 8)
+    assert out.getvalue().splitlines() == [f"    dense pass: block {k}/8" for k in (2, 4, 6, 8)]
+
+
+def test_quiet_prints_nothing_but_still_records():
+    progress, out = _plain(quiet=True)
+    with progress.stage("prune"):
+        progress.blocks("prune").advance(1, 1)
+        progress.log("hidden")
+    assert out.getvalue() == "" and set(progress.stages) == {"prune"}
+
+
+def test_a_failing_stage_is_recorded_and_the_error_propagates():
+    progress, _ = _plain()
+    with pytest.raises(ValueError, match="boom"):
+        with progress.stage("export"):
+            raise ValueError("boom")
+    assert "seconds" in progress.stages["export"] and progress.index == 1
+
+
+def test_on_a_terminal_the_bar_is_shown_and_closed_when_done():
+    buffer = io.StringIO()
+    progress = Progress(1, console=Console(file=buffer, force_terminal=True, width=100))
+    assert progress.interactive
+    bar = progress.blocks("prune")
+    bar.advance(1, 2)
+    assert progress._bar is not None
+    bar.advance(2, 2)
+    assert progress._bar is None and "prune" in buffer.getvalue()
