@@ -6,7 +6,9 @@
 #      tags it as python:3.11-slim-bookworm,
 #   4. builds the `cpu` target with buildah (the CPU torch wheel from the machine's wheel cache, no CUDA stack),
 #   5. runs `prune-and-export --recipe smoke-tiny` inside the image with no network into a mounted directory, and checks
-#      the exit code, the report and the realised sparsity from the host.
+#      the exit code, the report, the realised sparsity and the files' modes (0644) from the host,
+#   6. proves the prebuilt bitmask kernel runs where no compiler is found (CXX names a missing one): no rebuild, no
+#      fallback to the reference.
 # What it cannot prove: the real upstream python:3.11-slim-bookworm base (only a Debian stand-in with the same Python
 # minor version), the `gpu` target (CUDA base image, CUDA wheels), a push to or pull from a registry, Docker's own
 # runtime (podman + runc are used).
@@ -76,7 +78,17 @@ for fmt, art in report["artefacts"].items():
     assert "error" not in art and art["realised_sparsity"] == alloc["realised"], (fmt, art)
 assert "bitmask" in report["artefacts"], list(report["artefacts"])
 assert report["environment"]["bitmask_kernel"]["backend"] == "extension", report["environment"].get("bitmask_kernel")
+modes = {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+assert modes == {"0o644"}, modes
 ppls = ", ".join(f"{name} PPL {art['ppl']:.3f}" for name, art in report["artefacts"].items())
 print(f"[docker-ci] report: {report['status']}, realised sparsity {alloc['realised']:.6f} (target {alloc['target']}); {ppls}")
 PY
+log "prebuilt kernel without a compiler: podman run -e CXX=c++-not-installed $IMAGE"
+podman run --rm --runtime runc --network none -e CXX=c++-not-installed --entrypoint python "$IMAGE" -W error -c '
+from absorbdeploy.sparse.kernels import build, ops
+assert build.compiler_missing()
+backend = ops.ensure_loaded()
+assert backend == "extension", backend
+print(f"[docker-ci] no compiler: kernel {backend}, paths {ops.available_paths()}")
+'
 log "docker CI passed"

@@ -14,6 +14,8 @@ from absorbdeploy.version import __version__  # noqa: F401
 
 
 def _register_with_transformers() -> None:
+    if "absorbdeploy.sparse.hf" in sys.modules:  # imported (it registers itself as its last step) or being imported
+        return
     try:
         from absorbdeploy.sparse.hf import register
 

@@ -119,6 +119,18 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
+def usual_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode a plain open()/mkdir gets under the current umask (0644 and
+    0755 under the usual 022): some writers create private files (safetensors saves through a 0600 temporary file),
+    which another account (a serving user, a container run with --user) could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 class Staging:
     """Context manager: yields DIR.tmp; on success `commit()` renames it to DIR; on any exit without commit, removes it."""
 
@@ -140,6 +152,7 @@ class Staging:
     def commit(self) -> None:
         raise_if_interrupted()  # a Ctrl-C swallowed on the way: the exit path removes DIR.tmp
         (self.path / MARKER).unlink()
+        usual_modes(self.path)
         if self.out.exists():
             if not self.overwrite:
                 raise UserError(f"output directory {self.out} appeared while running; the result is kept in {self.path}")

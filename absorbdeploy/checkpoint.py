@@ -2,10 +2,12 @@
 
 - `read_header`: a safetensors file's header, its offsets checked against the file's size (the one header parser).
   `check_index`: every file and tensor that `model.safetensors.index.json` names exists. Both run in preflight, for in-memory and streaming runs alike.
-- `stored_layout`: what `quantization_config` declares. Dense weights and the bitmask layouts we decode
-  (compressed-tensors `sparse-bitmask` / `sparse-24-bitmask` without quantization, our served-sparse format) are
-  accepted; every other quantization (AWQ, GPTQ, FP8, quantized compressed-tensors, ...) is refused: pruning its
-  dequantised weights and writing them back as 16-bit would silently be a different model.
+- `stored_layout`: what `quantization_config` declares. Dense weights (also under a compressed-tensors config that
+  only describes sparsity, which is then dropped) and the bitmask layouts we decode (compressed-tensors
+  `sparse-bitmask` / `sparse-24-bitmask` without quantization, our served-sparse format) are accepted; every other
+  quantization (AWQ, GPTQ, FP8, quantized compressed-tensors, ...) is refused: pruning its dequantised weights and
+  writing them back as 16-bit would silently be a different model. compressed-tensors configs follow one table,
+  `COMPRESSED_TENSORS_SPARSITY`.
 - `tensor_table`: the logical tensors ({name: (dtype, shape)}), a compressed module's parts counted as its `.weight`.
 - `ShardIndex`: reads named tensors from the shards, decoding compressed modules to dense.
 - `consistency_problems`: the model's expected tensors against the ones on disk (missing, extra, wrong shape), pure.
@@ -91,8 +93,19 @@ def check_index(folder: Path) -> dict[Path, dict]:
     return headers
 
 
+# compressed-tensors sparsity_config.format -> the layout we read (DENSE: the weights are stored dense, the config only
+# describes their zeros). A config with quantization (non-empty config_groups, or a quantization format other than
+# dense) or any other sparsity format (marlin-24, ...) is refused.
+DENSE = "dense"
+COMPRESSED_TENSORS_SPARSITY = {None: DENSE, "dense": DENSE, "sparse-bitmask": "sparse-bitmask",
+                               "sparse-24-bitmask": "sparse-24-bitmask"}
+COMPRESSED_TENSORS_DENSE_FORMATS = (None, "dense")
+
+
 def stored_layout(config: dict, name: str) -> str | None:
-    """None for dense weights, a bitmask layout name for a checkpoint we decode; UserError for anything else."""
+    """None for dense weights with no quantization_config; DENSE for dense weights under a quantization_config that
+    only describes sparsity (load them without it); a bitmask layout name for a checkpoint we decode. UserError for
+    anything else."""
     quant = config.get("quantization_config")
     if quant is None:
         return None
@@ -100,10 +113,13 @@ def stored_layout(config: dict, name: str) -> str | None:
     if method == SERVED_SPARSE_METHOD:
         return "sparse-bitmask"
     if method == "compressed-tensors":
-        layout = (quant.get("sparsity_config") or {}).get("format")
-        if not quant.get("config_groups") and layout in (None, "dense", *LAYOUTS):
-            return layout if layout in LAYOUTS else None
-        what = "quantized weights (config_groups)" if quant.get("config_groups") else f"sparsity format {layout!r}"
+        sparsity = quant.get("sparsity_config") or {}
+        layout = sparsity.get("format") if isinstance(sparsity, dict) else "?"
+        quantized = bool(quant.get("config_groups")) or quant.get("format") not in COMPRESSED_TENSORS_DENSE_FORMATS
+        if not quantized and isinstance(layout, (str, type(None))) and layout in COMPRESSED_TENSORS_SPARSITY:
+            return COMPRESSED_TENSORS_SPARSITY[layout]
+        what = (f"quantized weights (config_groups, format {quant.get('format')!r})" if quantized
+                else f"sparsity format {layout!r}")
         raise UserError(f"{name}: config.json declares compressed-tensors with {what}, which absorbdeploy cannot prune "
                         "faithfully; pass the original unquantized (bf16/fp16/fp32) checkpoint")
     details = ", ".join(f"{k} {quant[k]}" for k in ("bits", "group_size", "fmt") if isinstance(quant, dict) and k in quant)
@@ -186,7 +202,8 @@ class ShardIndex:
             for file in sorted(self.folder.glob("*.safetensors")):
                 with safe_open(str(file), framework="pt") as f:
                     self.map.update({k: file for k in f.keys()})
-        self.compressed = {k[: -len(".bitmask")] + ".weight" for k in self.map if k.endswith(".bitmask")} if layout else set()
+        self.compressed = ({k[: -len(".bitmask")] + ".weight" for k in self.map if k.endswith(".bitmask")}
+                           if layout in LAYOUTS else set())
 
     @property
     def names(self) -> list[str]:

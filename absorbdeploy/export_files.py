@@ -39,10 +39,12 @@ def streaming_shard_bytes(max_shard_size: str) -> int:
 
 
 class ShardWriter:
-    """Writes tensors into `model-XXXXX-of-YYYYY.safetensors` shards as they arrive, then the index."""
+    """Writes tensors into `<stem>-XXXXX-of-YYYYY.safetensors` shards as they arrive, then `<stem>.safetensors.index.json`;
+    one shard is `<stem>.safetensors` with no index, unless `always_index` (the bitmask format, whose config names its
+    weights through the index)."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder, self.limit = Path(folder), max_shard_bytes
+    def __init__(self, folder: Path, max_shard_bytes: int, stem: str = "model", always_index: bool = False):
+        self.folder, self.limit, self.stem, self.always_index = Path(folder), max_shard_bytes, stem, always_index
         self.folder.mkdir(parents=True, exist_ok=True)
         self.pending, self.size, self.files, self.map, self.total = {}, 0, [], {}, 0
 
@@ -69,14 +71,15 @@ class ShardWriter:
     def finish(self) -> None:
         if self.pending:
             self._flush()
-        n = len(self.files)
-        final = {old: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors") for i, old in enumerate(self.files)}
+        n, indexed = len(self.files), len(self.files) > 1 or self.always_index
+        final = {old: (f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" if indexed else f"{self.stem}.safetensors")
+                 for i, old in enumerate(self.files)}
         for old, new in final.items():
             (self.folder / old).rename(self.folder / new)
         self.map = {k: final[v] for k, v in self.map.items()}
-        if n > 1:
+        if indexed:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.map.items()))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def unique_state_dict(model, dtype) -> dict:
@@ -123,10 +126,12 @@ def base_config(model, dtype: str) -> dict:
     return config
 
 
-def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, config: dict) -> None:
+def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, config: dict, stem: str = "model",
+                 always_index: bool = False) -> None:
     """Shards of the state dict in spec.dtype with every prunable weight replaced by its bitmask parts (sparse/codec.py;
-    a module's parts stay in one shard), then config.json, the generation config and the tokenizer. In streaming
-    mode the tensors come shard by shard from the finished checkpoint (spec.checkpoint)."""
+    a module's parts stay in one shard), named as ShardWriter(stem, always_index) names them, then config.json, the
+    generation config and the tokenizer. In streaming mode the tensors come shard by shard from the finished
+    checkpoint (spec.checkpoint)."""
     import torch
 
     from absorbdeploy.sparse.codec import PackedFormatError, encode
@@ -138,7 +143,7 @@ def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, con
 
         source = (item for file in sorted(Path(spec.checkpoint).glob("*.safetensors")) for item in load_file(str(file)).items())
     limit = streaming_shard_bytes(spec.max_shard_size) if spec.checkpoint else parse_size(spec.max_shard_size)
-    writer, prunable = ShardWriter(out, limit), set(spec.prunable)
+    writer, prunable = ShardWriter(out, limit, stem, always_index), set(spec.prunable)
     for name, t in source:
         if name in prunable:
             try:

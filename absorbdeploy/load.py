@@ -126,8 +126,9 @@ def _load_directory(source: ModelSource, trust_remote_code: bool):
 
 
 def source_config(source: ModelSource, trust_remote_code: bool = False):
-    """The model's transformers config; for a bitmask checkpoint, its base architecture's config without the
-    quantization_config (our codec decodes the weights)."""
+    """The model's transformers config; for a checkpoint whose quantization_config we read ourselves (a bitmask layout
+    our codec decodes, or dense weights under a sparsity-only compressed-tensors config), its base architecture's
+    config without the quantization_config."""
     from transformers import AutoConfig
 
     if source.layout is None:

@@ -19,6 +19,7 @@ from absorbdeploy.progress import Progress
 from absorbdeploy.prune_blocks import plan_counts, prune_from_profile, prune_sequential
 from absorbdeploy.prune_plan import PrunePlan
 from absorbdeploy.recipe import ModelFacts, Recipe, check_settled, settle, structure_name, to_yaml
+from absorbdeploy.sparse.directory import check_directory
 
 STAGES = ("load", "data", "calibrate", "allocate", "absorb", "prune", "export", "validate", "report")
 
@@ -227,6 +228,8 @@ def revalidate(directory: Path, progress: Progress) -> dict:
     old, r = report.read_finished(folder)
     formats = [f for f in exporters.FORMATS if (folder / f).is_dir()]
     exporters.check_available(formats)
+    for fmt in formats:  # a damaged packed export is bad input (exit 2), not a failed reload found minutes later
+        check_directory(folder / fmt)
     source = source_.resolve_source(r.model)
     with progress.stage("load", f"{source.name} (dense) and the run's own pruned checkpoint"):
         report.check_same_source(source_.weights_sha256(source), old, source.name)

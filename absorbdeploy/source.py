@@ -33,7 +33,8 @@ class ModelSource:
     model_type: str
     context: int | None = None  # max_position_embeddings (or the GGUF context length), when the source states it
     dtype: str = "float32"  # the stored floating-point weights' dtype (GGUF: dequantised to float32)
-    layout: str | None = None  # a bitmask layout that is decoded on load (checkpoint.stored_layout), else dense
+    # checkpoint.stored_layout: None (dense), "dense" (dense under a sparsity-only config, dropped) or a bitmask layout
+    layout: str | None = None
     # a checkpoint directory's safetensors headers ({file: header}, checkpoint.check_index), read once in preflight
     headers: dict | None = field(default=None, compare=False, repr=False)
 

@@ -2,10 +2,11 @@
 absorbdeploy's CPU kernel when loaded the standard way.
 
 On disk: the sparse-bitmask layout of sparse/codec.py (`<m>.compressed`, `<m>.bitmask`, `<m>.row_offsets`, `<m>.shape` per
-pruned Linear; everything else dense), 2:4 included. config.json: model_type `absorbdeploy_<base>` and a
+pruned Linear; everything else dense) in `bitmask-XXXXX-of-YYYYY.safetensors` shards named by
+`bitmask.safetensors.index.json` (never `model.safetensors`). config.json: model_type `absorbdeploy_<base>` and a
 quantization_config with quant_method `absorbdeploy-bitmask` listing the packed Linears (`targets`), so that
 `import absorbdeploy; AutoModelForCausalLM.from_pretrained(DIR)` builds BitmaskLinear modules (sparse/hf.py) and
-plain transformers or compressed-tensors refuse the directory rather than load random weights. vLLM serves it through
+every loader without our plugin refuses the directory rather than load random weights. vLLM serves it through
 the absorbdeploy plugin. The runner here is that transformers model; its dense baseline is the same model from a
 plain checkpoint in the same runtime and dtype.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from absorbdeploy.export_files import base_config, decoded_shards, describe_export, list_files, write_packed, write_sidecar
 from absorbdeploy.exporters import Artifact, ExportSpec, Runtime, RuntimeOptions, open_in
-from absorbdeploy.sparse.codec import FormatConfig, model_type_for
+from absorbdeploy.sparse.codec import WEIGHTS_STEM, FormatConfig, model_type_for
 
 FORMAT = "bitmask"
 RUNTIMES = {"torch + bitmask kernel": Runtime("torch", (), lambda out_dir, runtime: _open_torch(out_dir, runtime)),
@@ -34,7 +35,7 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     config["model_type"] = model_type_for(config["model_type"])
     targets = tuple(n[: -len(".weight")] for n in spec.prunable)
     config["quantization_config"] = FormatConfig(targets, LAYOUT, spec.dtype).to_dict()
-    write_packed(model, tokenizer, out, spec, LAYOUT, config)
+    write_packed(model, tokenizer, out, spec, LAYOUT, config, stem=WEIGHTS_STEM, always_index=True)
     write_sidecar(out, spec, FORMAT)
     notes = ["load with `import absorbdeploy` + AutoModelForCausalLM.from_pretrained, or serve with vLLM + the plugin"]
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
@@ -69,6 +70,9 @@ def _open_torch(out_dir, runtime: RuntimeOptions):
 
 
 def _open_vllm(out_dir, runtime: RuntimeOptions):
+    from absorbdeploy.sparse.directory import check_directory
     from absorbdeploy.vllm_runner import VllmRunner
+
+    check_directory(out_dir)  # vLLM's engine process would report a damaged file only as a failed engine core
 
     return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len, name="vllm + bitmask plugin")

@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Each module may import modules of its own layer or below, never above (README, "Code layout"). Modules of the
 # sparse/ folder are named `sparse.<module>` (sparse.kernels for its kernels package).
 LAYERS = [
-    {"errors", "version", "sparse.codec"},  # the codec imports nothing of ours
+    {"errors", "version", "sparse.codec", "sparse.integrity"},  # the codec imports nothing of ours
     {"masks", "sparsegpt", "esd", "prune", "allocate", "absorb", "prune_plan"},  # pure math over tensors, the prune plan
     {"source", "checkpoint", "blocks", "data", "runners", "vllm_runner", "latency", "tiny", "atomic", "progress",
      "compare", "sparse.kernels", "sparse.linear"},
     {"calibrate", "prune_blocks", "probe", "load", "stream", "export_files", "exporters", "validate", "zeroshot",
-     "plots", "render", "sparse.hf", "sparse.vllm", "sparse"},
+     "plots", "render", "sparse.hf", "sparse.vllm", "sparse.directory", "sparse"},
     {"recipe_rules", "recipe"},  # the configuration validates against the tables below it
     {"report", "pipeline", "serve"},
     {"cli", "__main__", "__init__"},  # the package's __init__ registers the bitmask format with transformers

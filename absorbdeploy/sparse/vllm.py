@@ -9,6 +9,11 @@ with empty placeholders whose loader keeps every shard's tensors; `process_weigh
 parallelism (column-parallel: a range of output rows; row-parallel: a range of input columns, cutting every row's
 bitmask and values at the boundary; codec.slice_rows / slice_columns), stacks the shards of a fused layer
 (codec.concat_rows) and installs the result. Layers the checkpoint does not pack stay vLLM's own dense Linears.
+
+Integrity (sparse/integrity.py): `maybe_update_config`, which vLLM calls with the model's directory before building the
+model, checks the config's targets against the shards' tensor names; each checkpoint matrix is checked (dtypes,
+shapes, bits, row offsets) before it is cut or stacked. A damaged checkpoint raises codec.PackedFormatError naming the
+module (`absorbdeploy serve` checks the whole directory first and exits 2 with that line).
 """
 
 import torch
@@ -19,8 +24,9 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from absorbdeploy.sparse import integrity
 from absorbdeploy.sparse.codec import (
-    PART_DTYPES, PARTS, SERVED_SPARSE_METHOD, FormatConfig, concat_rows, slice_columns, slice_rows,
+    PART_DTYPES, PARTS, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError, concat_rows, slice_columns, slice_rows,
 )
 
 # Empty stand-ins until the loader hands over each shard's tensors (their dtype is the checkpoint's).
@@ -39,7 +45,12 @@ def register() -> None:
 
 
 class BitmaskLinearMethod(LinearMethodBase):
-    """Packed weights for one (possibly fused) Linear; `apply` is torch.ops.absorbdeploy.bitmask_linear."""
+    """Packed weights for one (possibly fused) Linear; `apply` is torch.ops.absorbdeploy.bitmask_linear. `modules`:
+    the checkpoint's module names it stacks, in shard order (q, k, v / gate, up / itself)."""
+
+    def __init__(self, modules: list[str], values_dtype: str):
+        super().__init__()
+        self.modules, self.values_dtype = modules, values_dtype
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -65,10 +76,15 @@ class BitmaskLinearMethod(LinearMethodBase):
         from absorbdeploy.sparse.kernels import ensure_loaded
 
         ensure_loaded()  # define the op (and its fake) before any torch.compile trace
-        packed = concat_rows([_shard(layer, shard_id) for shard_id in _shard_order(layer)])
+        shards = []
+        for module, shard_id in zip(self.modules, _shard_order(layer)):
+            parts = layer.bitmask_pending.pop(shard_id, {})
+            integrity.check_packed(module, parts, self.values_dtype, columns=layer.input_size)
+            shards.append(_shard(layer, shard_id, parts))
+        packed = concat_rows(shards)
         if packed["bitmask"].shape[0] != layer.bitmask_out_features:
-            raise ValueError(f"{SERVED_SPARSE_METHOD}: {layer.prefix if hasattr(layer, 'prefix') else 'a layer'} has "
-                             f"{packed['bitmask'].shape[0]} packed rows, vLLM expects {layer.bitmask_out_features}")
+            raise PackedFormatError(f"{' + '.join(self.modules)}: {packed['bitmask'].shape[0]} packed rows on this "
+                                    f"rank, the model expects {layer.bitmask_out_features}")
         for part in PARTS:
             setattr(layer, part, Parameter(packed[part].contiguous(), requires_grad=False))
         del layer.bitmask_pending
@@ -86,9 +102,8 @@ def _shard_order(layer) -> list:
     return [None]
 
 
-def _shard(layer, shard_id) -> dict:
+def _shard(layer, shard_id, parts: dict) -> dict:
     """One checkpoint matrix's packed tensors, cut to this rank's part."""
-    parts = layer.bitmask_pending.pop(shard_id)
     rows, columns = (int(v) for v in parts["shape"].reshape(-1))
     size, rank = layer.tp_size, layer.tp_rank
     if size == 1:
@@ -130,16 +145,29 @@ class BitmaskConfig(QuantizationConfig):
     def from_config(cls, config: dict) -> "BitmaskConfig":
         return cls(FormatConfig.from_dict(config))
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """vLLM's hook with the model's path, before the model is built: the targets against the shards' tensors."""
+        from pathlib import Path
+
+        from absorbdeploy.checkpoint import read_header
+
+        folder = Path(model_name)
+        if folder.is_dir():
+            names = [k for f in sorted(folder.glob("*.safetensors")) for k in read_header(f) if k != "__metadata__"]
+            integrity.check_targets(self.targets, names)
+
     def get_quant_method(self, layer, prefix: str):
         if not isinstance(layer, LinearBase):
             return None
-        return BitmaskLinearMethod() if self._packed(prefix) else UnquantizedLinearMethod()
+        modules = self._packed(prefix)
+        return BitmaskLinearMethod(modules, self.values_dtype) if modules else UnquantizedLinearMethod()
 
-    def _packed(self, prefix: str) -> bool:
-        """vLLM's (possibly fused) module name -> whether the checkpoint packs it; a fused layer is all or nothing."""
+    def _packed(self, prefix: str) -> list[str]:
+        """vLLM's (possibly fused) module name -> the checkpoint modules it stacks when the checkpoint packs them,
+        else []; a fused layer is all or nothing."""
         head, _, last = prefix.rpartition(".")
         names = [f"{head}.{part}" if head else part for part in self.packed_modules_mapping.get(last, [last])]
         found = [name in self.targets for name in names]
         if any(found) and not all(found):
-            raise ValueError(f"{SERVED_SPARSE_METHOD}: {prefix} fuses {names}, of which only some are packed")
-        return all(found)
+            raise PackedFormatError(f"{prefix} fuses {names}, of which quantization_config.targets lists only some")
+        return names if all(found) else []

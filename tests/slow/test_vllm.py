@@ -42,3 +42,21 @@ def test_vllm_refuses_a_checkpoint_with_a_sparsity_config(tmp_path):
     with pytest.raises(RuntimeError, match="Sparsity support has been removed"):
         with module.load(tmp_path / "v", exporters.RuntimeOptions("float32", 128)) as runner:
             runner.score(IDS)
+
+
+def test_vllm_without_the_plugin_refuses_a_bitmask_export(tmp_path):
+    """No plugin (VLLM_PLUGINS names none) and no absorbdeploy import: vLLM reads the config with transformers, which
+    does not know absorbdeploy_llama, so no model is ever built with random Linear weights."""
+    import os
+    import subprocess
+    import sys
+
+    model, tokenizer, spec = pruned_tiny("bfloat16")
+    exporters.get("bitmask").export(model, tokenizer, tmp_path / "b", spec("bitmask"))
+    code = ("if __name__ == '__main__':\n"
+            "    from vllm import LLM\n"
+            f"    LLM({str(tmp_path / 'b')!r}, dtype='float32', max_model_len=128)\n")
+    (tmp_path / "plain.py").write_text(code)
+    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "plain.py")], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "absorbdeploy_llama" in proc.stderr, proc.stderr[-2000:]

@@ -202,3 +202,15 @@ def test_a_format_that_cannot_store_the_export_dtype_is_refused_or_left_out(tmp_
     plan = preflight(override(Recipe(), "export.dtype=float32"), tmp_path / "x", False, False, "defaults")
     assert "bitmask" not in plan.formats and any("leaves out bitmask" in n for n in plan.notes)
     assert set(plan.formats) == set(exporters.installed()) - {"bitmask"}
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_dense_weights_under_a_sparsity_only_compressed_tensors_config_load_as_dense(mode, tmp_path):
+    """Such configs (no config_groups, dense format) made transformers' compressed-tensors quantizer crash (exit 3)."""
+    sparsity_only = {"quant_method": "compressed-tensors", "format": "dense", "config_groups": None,
+                     "sparsity_config": {"format": "dense", "global_sparsity": 0.0, "targets": ["Linear"]}}
+    model = tiny_checkpoint(tmp_path / "model", config={"quantization_config": sparsity_only})
+    proc = run_cli("prune-and-export", model, *FAST, "--out", tmp_path / "out", "--set", f"streaming.mode={mode}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["allocation"]["realised"] == pytest.approx(0.5, abs=1e-5)

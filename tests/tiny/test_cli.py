@@ -143,6 +143,22 @@ def test_validate_dir_reproduces_the_report(smoke):
            [(g["gate"], g["artefact"], g["passed"]) for g in before["gates"]]
 
 
+def test_validate_refuses_a_damaged_bitmask_export_with_one_line(smoke, tmp_path):
+    import shutil
+
+    from tests.tiny.sparse.test_directory import DAMAGE, damaged
+
+    out, _ = smoke
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("bitmask"))
+    tensors, quantization, message = DAMAGE["a row with one more bit than its values"]
+    damaged(out / "bitmask", copy / "bitmask", tensors, quantization)
+    before = (copy / "report.json").read_text()
+    proc = run_cli("validate", copy, "--quiet")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert (copy / "report.json").read_text() == before
+
+
 def test_an_impossible_gate_exits_one_and_names_the_gate(tmp_path):
     out = tmp_path / "gated"
     proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out, "--formats", "compressed-safetensors",

@@ -22,11 +22,18 @@ def test_consistency_problems_name_missing_extra_and_misshapen_tensors():
                         "lm_head.weight is missing from the checkpoint", "b.weight is on disk but the config has no such tensor"]
 
 
-@pytest.mark.parametrize("quant, layout", [
+CT = {"quant_method": "compressed-tensors"}
+
+
+@pytest.mark.parametrize("quant, layout", [  # the shapes public compressed-tensors checkpoints carry, and ours
     (None, None),
-    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-bitmask"}}, "sparse-bitmask"),
-    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24-bitmask"}}, "sparse-24-bitmask"),
-    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "dense"}}, None),
+    ({**CT, "sparsity_config": {"format": "sparse-bitmask"}}, "sparse-bitmask"),
+    ({**CT, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}}, "sparse-24-bitmask"),
+    ({**CT, "sparsity_config": {"format": "dense", "global_sparsity": 0.5}}, checkpoint.DENSE),  # sparsity-only
+    ({**CT, "format": "dense", "config_groups": None, "sparsity_config": {"format": "dense"}}, checkpoint.DENSE),
+    ({**CT, "config_groups": {}, "sparsity_config": None}, checkpoint.DENSE),  # empty config_groups
+    ({**CT, "format": "dense", "sparsity_config": {"format": "sparse-bitmask"}}, "sparse-bitmask"),
+    (CT, checkpoint.DENSE),
     ({"quant_method": codec.SERVED_SPARSE_METHOD}, "sparse-bitmask"),
 ])
 def test_layouts_we_decode_are_accepted(quant, layout):
@@ -37,8 +44,12 @@ def test_layouts_we_decode_are_accepted(quant, layout):
 @pytest.mark.parametrize("quant, fragment", [
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, "quant_method 'awq' (bits 4, group_size 128)"),
     ({"quant_method": "fp8"}, "quant_method 'fp8'"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {}}}, "quantized weights"),
-    ({"quant_method": "compressed-tensors", "sparsity_config": {"format": "marlin-24"}}, "sparsity format 'marlin-24'"),
+    ({**CT, "config_groups": {"g": {}}}, "quantized weights"),
+    ({**CT, "format": "pack-quantized", "config_groups": {"group_0": {"weights": {"num_bits": 4}}},
+      "sparsity_config": {"format": "sparse-24-bitmask"}}, "quantized weights (config_groups, format 'pack-quantized')"),
+    ({**CT, "format": "float-quantized"}, "format 'float-quantized'"),  # a quantization format, no groups
+    ({**CT, "sparsity_config": {"format": "marlin-24"}}, "sparsity format 'marlin-24'"),
+    ({**CT, "sparsity_config": "sparse-bitmask"}, "sparsity format '?'"),
     ("not a mapping", "quant_method None"),
 ])
 def test_other_quantization_is_refused(quant, fragment):

@@ -222,10 +222,14 @@ bool bf16_gemm(const at::Tensor& x, const BitmaskMatrix& w, const c10::optional<
          (!bias.has_value() || bias->scalar_type() == at::kBFloat16);
 }
 
-at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values_in, const at::Tensor& bitmask_in,
+at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& bitmask_in,
                               const at::Tensor& row_offsets_in, int64_t in_features,
-                              const c10::optional<at::Tensor>& bias) {
-  check_inputs(x, values_in, bitmask_in, row_offsets_in, in_features, bias);
+                              const c10::optional<at::Tensor>& bias_in) {
+  check_inputs(x_in, values_in, bitmask_in, row_offsets_in, in_features, bias_in);
+  // Gradients come from the op's autograd rule (ops.py). Detached inputs keep ATen's autograd out of the calls below,
+  // including those on at::parallel_for's worker threads, which a grad-mode guard of this thread would not reach.
+  const at::Tensor x = x_in.detach();
+  const c10::optional<at::Tensor> bias = bias_in.has_value() ? c10::optional<at::Tensor>(bias_in->detach()) : c10::nullopt;
   const IsaPath& kernel = select_kernel();
   const at::Tensor values = values_in.contiguous(), bitmask = bitmask_in.contiguous(),
                    row_offsets = row_offsets_in.contiguous();

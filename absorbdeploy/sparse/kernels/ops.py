@@ -3,7 +3,8 @@ sparse/codec.py::compress_bitmask, its pure-torch reference, and the lazy loadin
 
 The op is defined on the first `ensure_loaded()` (which `bitmask_linear` calls): by the compiled C++ library when it
 builds, otherwise, after one warning, in Python with the reference as its CPU kernel, so callers always use the same
-op. A fake (meta) implementation is registered either way for torch.compile.
+op. A fake (meta) implementation is registered either way for torch.compile, and an autograd rule
+(torch.library.register_autograd): gradients flow to x and the bias, never to the packed weights, which are frozen.
 """
 
 import os
@@ -39,6 +40,26 @@ def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, 
 
 def _fake(x, values, bitmask, row_offsets, in_features, bias=None):
     return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, values, bitmask, _, in_features, bias = inputs
+    ctx.save_for_backward(values, bitmask)
+    ctx.in_features, ctx.x_dtype = in_features, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """dL/dx = dL/dy @ W (W decoded densely in fp32, once per backward); dL/dbias = dL/dy summed over the batch."""
+    values, bitmask = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        dense = torch.zeros(bitmask.shape[0], ctx.in_features, dtype=torch.float32, device=values.device)
+        dense[unpack_bits(bitmask, ctx.in_features)] = values.float()
+        grad_x = (grad.float() @ dense).to(ctx.x_dtype)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias
 
 
 def _check_no_forced_path() -> None:
@@ -79,6 +100,7 @@ def ensure_loaded() -> str:
                 _define_in_python()
                 _state["backend"] = "reference"
             torch.library.register_fake("absorbdeploy::bitmask_linear")(_fake)
+            torch.library.register_autograd("absorbdeploy::bitmask_linear", _backward, setup_context=_setup_context)
         return _state["backend"]
 
 

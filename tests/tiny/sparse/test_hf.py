@@ -69,11 +69,72 @@ def test_config_names_our_model_type_and_targets(exported):
     assert quant["targets"][0] == "model.layers.0.self_attn.q_proj"
 
 
-def test_plain_transformers_refuses_the_directory(exported):
+# Every standard door without the plugin, and what it says instead of building a model with random weights.
+PLAIN_DOORS = {
+    "AutoModelForCausalLM": ("from transformers import AutoModelForCausalLM as C", "model type `absorbdeploy_llama`"),
+    "LlamaForCausalLM": ("from transformers import LlamaForCausalLM as C", "no file named model.safetensors"),
+    "pipeline": ("from transformers import pipeline\nC = types.SimpleNamespace(from_pretrained=lambda d: "
+                 "pipeline('text-generation', model=d))", "model type `absorbdeploy_llama`"),
+}
+
+
+@pytest.mark.parametrize("door", list(PLAIN_DOORS))
+def test_plain_transformers_refuses_the_directory_through_every_door(exported, door):
     _, out, _ = exported
-    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
+    setup, message = PLAIN_DOORS[door]
+    code = f"import types\n{setup}\nC.from_pretrained({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "model type `absorbdeploy_llama`" in proc.stderr
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.parametrize("kind", ["row offsets shifted but increasing", "a dropped bitmask", "an unknown values dtype",
+                                  "a packed module missing from targets", "a matrix of another Linear's size",
+                                  "a target that is not a Linear"])
+def test_the_quantizer_refuses_a_damaged_checkpoint_naming_the_module(exported, tmp_path, kind):
+    from absorbdeploy.sparse.codec import PackedFormatError
+    from tests.tiny.sparse.test_directory import DAMAGE, damaged
+
+    tensors, quantization, message = DAMAGE[kind]
+    if kind == "a target that is not a Linear":  # the quantizer sees the model itself
+        message = "model.norm: quantization_config.targets names a LlamaRMSNorm, not a Linear"
+        tensors = _pack_norm
+    with pytest.raises(PackedFormatError, match=message.replace("[", "\\[").replace("]", "\\]")):
+        _load(damaged(exported[1], tmp_path / "bitmask", tensors, quantization))
+
+
+def _pack_norm(state):
+    from absorbdeploy.sparse.codec import compress_bitmask
+
+    return {**state, **{f"model.norm.{p}": v for p, v in compress_bitmask(torch.eye(4)).items()}}
+
+
+def test_models_and_configs_pickle_deep_copy_and_save(exported, tmp_path):
+    import copy
+    import pickle
+
+    model, out, _ = exported
+    loaded = _load(out)
+    expected = TorchRunner(loaded).logits(IDS)
+    for clone in (copy.deepcopy(loaded), pickle.loads(pickle.dumps(loaded))):
+        assert torch.equal(TorchRunner(clone).logits(IDS), expected)
+    config = pickle.loads(pickle.dumps(loaded.config))
+    assert type(config) is type(loaded.config) and config.quantization_config == loaded.config.quantization_config
+    torch.save(loaded, tmp_path / "whole.pt")  # a full-module save (loading it back needs weights_only=False)
+    assert torch.equal(TorchRunner(torch.load(tmp_path / "whole.pt", weights_only=False)).logits(IDS), expected)
+
+
+def test_gradients_reach_the_activations_as_through_the_dense_weights(exported):
+    """Autograd on (no torch.no_grad) past the kernel's decode batch: d loss / d inputs_embeds equals the dense model's."""
+    model, out, _ = exported
+    loaded = _load(out)
+    ids = IDS[:, :40]
+    grads = []
+    for m in (loaded, model):
+        embeds = m.model.embed_tokens(ids).detach().requires_grad_(True)
+        m(inputs_embeds=embeds, labels=ids).loss.backward()
+        grads.append(embeds.grad)
+    assert not any(p.requires_grad for m in loaded.modules() if isinstance(m, BitmaskLinear) for p in m.parameters())
+    assert (grads[0] - grads[1]).abs().max() <= 1e-4 * grads[1].abs().max()
 
 
 def test_import_before_transformers_registers_on_its_import(exported):

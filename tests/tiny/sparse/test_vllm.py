@@ -93,7 +93,7 @@ def test_gate_up_and_down_layers_load_and_compute(vllm):
 
 def test_a_shard_of_the_wrong_size_is_refused(vllm):
     layer = _qkv(vllm, _config(vllm.door))
-    with pytest.raises(ValueError, match="has 192 packed rows, vLLM expects 256"):
+    with pytest.raises(PackedFormatError, match="k_proj \+ .*v_proj: 192 packed rows on this rank, the model expects 256"):
         _load(layer, {"q": _sparse(64, 128, 1), "k": _sparse(64, 128, 2), "v": _sparse(64, 128, 3)})
 
 
@@ -107,8 +107,41 @@ def test_only_packed_linears_get_the_bitmask_method_and_fused_ones_all_or_nothin
     assert isinstance(config.get_quant_method(linear, "lm_head"), vllm.UnquantizedLinearMethod)  # vLLM's dense Linear
     assert isinstance(config.get_quant_method(linear, f"{PREFIX}.mlp.down_proj"), vllm.door.BitmaskLinearMethod)
     partial = _config(vllm.door, tuple(t for t in TARGETS if not t.endswith("k_proj")))
-    with pytest.raises(ValueError, match="qkv_proj fuses .* of which only some are packed"):
+    with pytest.raises(PackedFormatError, match="qkv_proj fuses .* of which quantization_config.targets lists only some"):
         partial._packed(f"{PREFIX}.self_attn.qkv_proj")
+
+
+def _damaged(parts):
+    parts["row_offsets"][3:] += 1  # still increasing, no longer the bitmask's running count
+    return parts
+
+
+@pytest.mark.parametrize("harm, message", [
+    (_damaged, "model.layers.0.self_attn.k_proj.row_offsets: row 3 starts at"),
+    (lambda p: {k: v for k, v in p.items() if k != "bitmask"}, "has no model.layers.0.self_attn.k_proj.bitmask"),
+    (lambda p: {**p, "compressed": p["compressed"].half()}, "k_proj.compressed: dtype float16, the format stores bfloat16"),
+])
+def test_a_damaged_checkpoint_matrix_is_refused_before_it_is_cut_or_stacked(vllm, harm, message):
+    layer = _qkv(vllm, _config(vllm.door))
+    shards = {"q": _sparse(128, 128, 1), "k": _sparse(64, 128, 2), "v": _sparse(64, 128, 3)}
+    for shard_id, w in shards.items():
+        parts = compress_bitmask(w)
+        for part, tensor in (harm(parts) if shard_id == "k" else parts).items():
+            param = getattr(layer, part)
+            param.weight_loader(param, tensor, shard_id)
+    with pytest.raises(PackedFormatError, match=message):
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def test_the_targets_are_checked_against_the_shards_before_the_model_is_built(vllm, tmp_path):
+    from safetensors.torch import save_file
+
+    packed = {f"{t}.{p}": v for t in TARGETS[:-1] for p, v in compress_bitmask(_sparse(8, 16, 1)).items()}
+    save_file(packed, str(tmp_path / "bitmask-00001-of-00001.safetensors"))
+    with pytest.raises(PackedFormatError, match="mlp.down_proj: listed in quantization_config.targets, but the "
+                                                "checkpoint has no .*down_proj.shape"):
+        _config(vllm.door).maybe_update_config(str(tmp_path))
+    _config(vllm.door, TARGETS[:-1]).maybe_update_config(str(tmp_path))
 
 
 def test_a_config_this_version_cannot_read_is_refused(vllm):
@@ -133,8 +166,7 @@ def _rank(cls, rank, size, **attrs):
 
 
 def _cut(door, layer, shard_id, w):
-    layer.bitmask_pending = {shard_id: compress_bitmask(w)}
-    return decompress_bitmask(door._shard(layer, shard_id))
+    return decompress_bitmask(door._shard(layer, shard_id, compress_bitmask(w)))
 
 
 def test_tensor_parallel_ranks_cut_exactly_their_part(vllm):

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from absorbdeploy.sparse.codec import compress_24, compress_bitmask, decode, decompress_24, decompress_bitmask, encode
+from absorbdeploy.sparse import codec
 from absorbdeploy.sparse.codec import PackedFormatError
 
 
@@ -85,3 +86,33 @@ def test_a_row_parallel_cut_must_fall_on_a_bitmask_byte():
 
     with pytest.raises(ValueError, match="byte of the bitmask"):
         slice_columns(compress_bitmask(torch.ones(2, 16)), 4, 16)
+
+
+@pytest.mark.parametrize("width", [5, 6, 12, 16, 24])  # bytes per row: uint8, 16-, 32- and 64-bit words
+def test_row_popcounts_count_every_set_bit(width):
+    bits = torch.randint(0, 256, (9, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(width))
+    expected = torch.tensor([sum(bin(int(b)).count("1") for b in row) for row in bits])
+    assert torch.equal(codec.row_popcounts(bits), expected)
+    assert torch.equal(codec.row_popcounts(bits[:, 1:]), expected - torch.tensor([bin(int(b)).count("1") for b in bits[:, 0]]))
+    assert torch.equal(codec.row_popcounts(bits[:, :0]), torch.zeros(9, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("targets", ["model.a", [1, 2], ["ok", ""], {"a": 1}])
+def test_targets_must_be_a_list_of_names(targets):
+    with pytest.raises(codec.PackedFormatError, match="targets must be a list of module names"):
+        codec.FormatConfig.from_dict({"targets": targets})
+
+
+@pytest.mark.parametrize("field", [{"values_dtype": "load"}, {"values_dtype": "float32"}, {"version": 3},
+                                   {"format": "sparse-24-bitmask"}])
+def test_unknown_config_values_are_refused(field):
+    with pytest.raises(codec.PackedFormatError, match="unsupported format"):
+        codec.FormatConfig.from_dict({"targets": ["a"], **field})
+
+
+def test_version_2_names_its_weights_through_the_index_and_version_1_does_not():
+    assert codec.FormatConfig().version == 2
+    assert codec.names_weights_index(codec.FormatConfig(("a",)).to_dict())
+    assert not codec.names_weights_index({**codec.FormatConfig(("a",)).to_dict(), "version": 1})
+    assert not codec.names_weights_index({"quant_method": "compressed-tensors", "version": 2})
+    assert not codec.names_weights_index(None)

@@ -20,12 +20,34 @@ VALUE_DTYPES = [torch.bfloat16, torch.float16]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+# The CPU features each compiled path checks for (isa_<name>.cpp, __builtin_cpu_supports), as /proc/cpuinfo spells them.
+CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "bmi2", "popcnt"},
+             "avx2": {"avx2", "fma", "f16c", "bmi2", "popcnt"}, "scalar": set()}
+
+
+def cpu_has(path: str) -> bool | None:
+    """Whether this CPU has the features of an ISA path; None where /proc/cpuinfo does not say (not Linux)."""
+    try:
+        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return None
+    return CPU_FLAGS[path] <= flags
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Each path present here, forced through ABSORBDEPLOY_KERNEL_ISA ("reference": the pure-torch function)."""
+    """Each path present here, forced through ABSORBDEPLOY_KERNEL_ISA ("reference": the pure-torch function). A path
+    this CPU has but the build lacks fails rather than skips, so a broken C++ build cannot leave the suite green."""
+    import shutil
+
     if request.param != "reference":
         if request.param not in kernels.available_paths():
-            pytest.skip(f"this CPU has no {request.param} path")
+            if cpu_has(request.param) is False:
+                pytest.skip(f"this CPU has no {request.param} path")
+            if kernels.ensure_loaded() == "reference" and shutil.which(os.environ.get("CXX", "c++")) is None:
+                pytest.skip("no C++ compiler: the kernels are not built here, the reference runs (tested below)")
+            pytest.fail(f"the {request.param} path is missing although this CPU has it and a compiler is present: "
+                        "the kernel build failed (python -m absorbdeploy.sparse.kernels build says why)")
         monkeypatch.setenv(kernels.ISA_VARIABLE, request.param)
         assert kernels.active_path() == request.param
     return request.param
@@ -221,6 +243,36 @@ def test_forcing_a_path_the_cpu_lacks_raises_a_clear_error():
     assert "paths available here: scalar" in lines[1]
 
 
+FIRST_USE = """
+    import sys, warnings
+    import torch
+    from absorbdeploy.sparse import kernels
+    from absorbdeploy.sparse.codec import compress_bitmask
+    assert "torch.utils.cpp_extension" not in sys.modules  # importing compiles nothing
+    w = torch.randn(30, 50).bfloat16()
+    w[w.abs() < 0.8] = 0
+    parts = compress_bitmask(w)
+    x = torch.randn(3, 50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = (x, parts["compressed"], parts["bitmask"], parts["row_offsets"], 50)
+        ys = [kernels.bitmask_linear(*args)]  # the first call loads (and warns); the op itself afterwards
+        ys += [torch.ops.absorbdeploy.bitmask_linear(*args, None) for _ in range(2)]
+    ref = x @ w.float().T
+    close = max(float((y - ref).abs().max()) for y in ys) <= 1e-5 * float(ref.abs().max())
+    print(len(caught), kernels.active_path(), close)
+    print(caught[0].message if caught else "")
+"""
+
+
+def first_use(**env) -> tuple[str, str, str, str]:
+    """(warnings, active path, results correct, first warning) of a fresh process's first bitmask_linear call."""
+    done = run_python(FIRST_USE, ABSORBDEPLOY_KERNEL_ISA="auto", **env)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    count, active, close = done.stdout.splitlines()[0].split()
+    return count, active, close, done.stdout.splitlines()[1]
+
+
 @pytest.mark.parametrize("compiler", ["false", "fails-to-compile"])
 def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, compiler):
     cxx = "/bin/false"
@@ -229,32 +281,69 @@ def test_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path, com
         (tmp_path / "cxx").write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "broken 1.0"; exit 0; }\n'
                                       'echo "error: no" >&2\nexit 1\n')
         (tmp_path / "cxx").chmod(0o755)
-    cache = tmp_path / "cache"
-    code = f"""
-        import sys, warnings
-        import torch
-        from absorbdeploy.sparse import kernels
-        from absorbdeploy.sparse.codec import compress_bitmask
-        assert "torch.utils.cpp_extension" not in sys.modules  # importing compiles nothing
-        w = torch.randn(30, 50).bfloat16()
-        w[w.abs() < 0.8] = 0
-        parts = compress_bitmask(w)
-        x = torch.randn(3, 50)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            args = (x, parts["compressed"], parts["bitmask"], parts["row_offsets"], 50)
-            ys = [kernels.bitmask_linear(*args)]  # the first call loads (and warns); the op itself afterwards
-            ys += [torch.ops.absorbdeploy.bitmask_linear(*args, None) for _ in range(2)]
-        ref = x @ w.float().T
-        close = max(float((y - ref).abs().max()) for y in ys) <= 1e-5 * float(ref.abs().max())
-        print(len(caught), kernels.active_path(), close)
-        print(caught[0].message)
-    """
-    done = run_python(code, CXX=cxx, ABSORBDEPLOY_KERNEL_CACHE=str(cache), ABSORBDEPLOY_KERNEL_ISA="auto")
-    assert done.returncode == 0, done.stderr
-    count, active, close = done.stdout.splitlines()[0].split()
-    message = done.stdout.splitlines()[1]
+    count, active, close, message = first_use(CXX=cxx, ABSORBDEPLOY_KERNEL_CACHE=str(tmp_path / "cache"))
     assert (count, active, close) == ("1", "reference", "True")
     assert "pure-torch reference" in message
     assert ("does not run" in message) if compiler == "false" else ("build.log" in message)
-    assert done.stderr == ""
+
+
+@pytest.fixture()
+def built_cache(tmp_path):
+    """A private copy of this machine's built and recorded kernel cache entry."""
+    import shutil
+
+    from absorbdeploy.sparse.kernels import build
+
+    if kernels.ensure_loaded() == "reference":
+        if build.compiler_missing():
+            pytest.skip("no C++ compiler: no built library to copy")
+        pytest.fail("a compiler is present but the kernels did not build")
+    source = build.cache_root() / build.build_key()
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    shutil.copytree(source, cache / source.name, ignore=shutil.ignore_patterns("*.o", ".ninja*", "*.lock"))
+    return cache, cache / source.name / f"{build.NAME}.so"
+
+
+def test_a_prebuilt_library_runs_where_no_compiler_is_installed(built_cache):
+    cache, _ = built_cache
+    count, active, close, _ = first_use(CXX="c++-not-installed", ABSORBDEPLOY_KERNEL_CACHE=str(cache))
+    assert (count, close) == ("0", "True") and active in kernels.available_paths()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("truncated", "no C++ compiler"),  # unverified and nothing to rebuild with: never loaded (no SIGBUS)
+    ("group-writable", "it is writable by group or others"),
+    ("uncreatable", "cannot write the kernel cache"),
+])
+def test_a_cache_that_cannot_be_trusted_or_written_falls_back_with_one_warning(built_cache, tmp_path, damage, says):
+    cache, library = built_cache
+    env = {"ABSORBDEPLOY_KERNEL_CACHE": str(cache)}
+    if damage == "truncated":
+        library.write_bytes(library.read_bytes()[: library.stat().st_size // 3])
+        env["CXX"] = "c++-not-installed"
+    elif damage == "group-writable":
+        cache.chmod(0o777)
+    else:
+        (tmp_path / "a-file").write_text("")
+        env["ABSORBDEPLOY_KERNEL_CACHE"] = str(tmp_path / "a-file" / "cache")
+    count, active, close, message = first_use(**env)
+    assert (count, active, close) == ("1", "reference", "True") and says in message, message
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [3, 40])  # decode and prefill
+def test_gradients_flow_to_the_input_and_the_bias_as_through_the_dense_weight(path, x_dtype, batch):
+    w = make_weight(48, 72, 0.6, torch.bfloat16, seed=5)
+    parts = compress_bitmask(w)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, batch, 72, generator=g).to(x_dtype).requires_grad_(True)
+    bias = torch.randn(48, generator=g).to(x_dtype).requires_grad_(True)
+    upstream = torch.randn(2, batch, 48, generator=g)
+    (run(path, x, parts, 72, bias).float() * upstream).sum().backward()
+    x_dense, bias_dense = x.detach().float().requires_grad_(True), bias.detach().float().requires_grad_(True)
+    ((x_dense @ w.float().T + bias_dense) * upstream).sum().backward()
+    tolerance = 1e-5 if x_dtype == torch.float32 else 1e-2
+    assert x.grad.dtype == x_dtype and bias.grad.dtype == x_dtype
+    assert (x.grad.float() - x_dense.grad).abs().max() <= tolerance * x_dense.grad.abs().max()
+    assert (bias.grad.float() - bias_dense.grad).abs().max() <= tolerance * bias_dense.grad.abs().max()
