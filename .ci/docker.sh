@@ -60,8 +60,8 @@ rm -rf "$OUT" && mkdir -p "$OUT" && chmod 0777 "$OUT"
 log "smoke: podman run --network none $IMAGE prune-and-export --recipe smoke-tiny --out /out/run"
 start=$(date +%s)
 set +e
-podman run --rm --runtime runc --network none --shm-size 2g --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" \
-  --ulimit nproc=32768 -v "$OUT:/out" "$IMAGE" prune-and-export --recipe smoke-tiny --out /out/run >"$WORK/smoke.log" 2>&1
+RUN=(podman run --rm --runtime runc --network none --ulimit "nofile=$(ulimit -Hn):$(ulimit -Hn)" --ulimit nproc=32768)
+"${RUN[@]}" --shm-size 2g -v "$OUT:/out" "$IMAGE" prune-and-export --recipe smoke-tiny --out /out/run >"$WORK/smoke.log" 2>&1
 code=$?
 set -e
 log "smoke exit code $code in $(( $(date +%s) - start )) s"
@@ -84,7 +84,7 @@ ppls = ", ".join(f"{name} PPL {art['ppl']:.3f}" for name, art in report["artefac
 print(f"[docker-ci] report: {report['status']}, realised sparsity {alloc['realised']:.6f} (target {alloc['target']}); {ppls}")
 PY
 log "prebuilt kernel without a compiler: podman run -e CXX=c++-not-installed $IMAGE"
-podman run --rm --runtime runc --network none -e CXX=c++-not-installed --entrypoint python "$IMAGE" -W error -c '
+"${RUN[@]}" -e CXX=c++-not-installed --entrypoint python "$IMAGE" -W error -c '
 from absorbdeploy.sparse.kernels import build, ops
 assert build.compiler_missing()
 backend = ops.ensure_loaded()
