@@ -12,6 +12,7 @@ shape equal to the Linear the architecture builds (the model instantiated on the
 import json
 from pathlib import Path
 
+from absorbdeploy.checkpoint import check_index
 from absorbdeploy.sparse import integrity
 from absorbdeploy.sparse.codec import PARTS, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError
 
@@ -36,60 +37,39 @@ def served_sparse_config(folder: Path) -> FormatConfig | None:
 def check_directory(folder) -> int:
     """Every packed matrix of a `bitmask/` export checked (integrity.check_targets, then check_packed per target);
     returns how many were, 0 for a directory that is not a `bitmask/` export. Raises PackedFormatError naming the
-    module and the mismatch."""
+    module and the mismatch (UserError for a shard whose header is corrupt, checkpoint.check_index)."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
     folder = Path(folder)
     described = served_sparse_config(folder)
     if described is None:
         return 0
-    owner = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            owner.update({key: file for key in handle.keys()})
+    owner = {key: file for file, header in check_index(folder).items() for key in header if key != "__metadata__"}
     integrity.check_targets(described.targets, owner)
     sizes = linear_sizes(folder, described.targets)
-    for module in described.targets:
-        file = owner[f"{module}.{PARTS[0]}"]
-        with safe_open(str(file), "pt") as handle:
-            parts = {part: _tensor(handle, owner, file, f"{module}.{part}") for part in PARTS}
-        integrity.check_packed(module, parts, described.values_dtype, *sizes[module])
+    with ExitStack() as stack:
+        shards = {file: stack.enter_context(safe_open(str(file), "pt")) for file in set(owner.values())}
+        for module in described.targets:
+            parts = {part: shards[owner[f"{module}.{part}"]].get_tensor(f"{module}.{part}") for part in PARTS}
+            integrity.check_packed(module, parts, described.values_dtype, *sizes[module])
     return len(described.targets)
 
 
 def linear_sizes(folder: Path, targets) -> dict[str, tuple[int, int]]:
     """{target: (out_features, in_features)} of the model config.json describes, built on the meta device.
-    Raises PackedFormatError for a target that is not a Linear of that model."""
+    Raises PackedFormatError for a target that is not a Linear of that model (hf.target_linear)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from absorbdeploy.sparse import hf  # noqa: F401  (registers the absorbdeploy_<base> model types)
+    from absorbdeploy.sparse.hf import target_linear  # importing hf registers the absorbdeploy_<base> model types
 
     config = AutoConfig.from_pretrained(str(folder))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     sizes = {}
     for name in targets:
-        module = model.get_submodule(name) if _has(model, name) else None
-        if not isinstance(module, torch.nn.Linear):
-            raise PackedFormatError(f"{name}: quantization_config.targets names it, but the model has no such Linear")
-        sizes[name] = (module.out_features, module.in_features)
+        linear = target_linear(model, name)
+        sizes[name] = (linear.out_features, linear.in_features)
     return sizes
-
-
-def _has(model, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _tensor(handle, owner: dict, file: Path, key: str):
-    """A module's parts are written to one shard; read a part from another shard if a tool moved it."""
-    if owner[key] == file:
-        return handle.get_tensor(key)
-    from safetensors import safe_open
-
-    with safe_open(str(owner[key]), "pt") as other:
-        return other.get_tensor(key)

@@ -107,7 +107,7 @@ class BitmaskQuantizer(HfQuantizer):
             headers.update({k: v for k, v in read_header(Path(file)).items() if k != "__metadata__"})
         integrity.check_targets(config.targets, headers)
         for name in config.targets:
-            old = _linear(model, name)
+            old = target_linear(model, name)
             integrity.check_layout(name, integrity.describe_header(headers, name), config.values_dtype,
                                    old.out_features, old.in_features)
             nnz = int(headers[f"{name}.compressed"]["shape"][0])
@@ -136,7 +136,7 @@ class BitmaskQuantizer(HfQuantizer):
         return False
 
 
-def _linear(model, name: str):
+def target_linear(model, name: str):
     """The nn.Linear a target names; PackedFormatError when the model has no such Linear."""
     try:
         module = model.get_submodule(name)

@@ -149,12 +149,11 @@ class BitmaskConfig(QuantizationConfig):
         """vLLM's hook with the model's path, before the model is built: the targets against the shards' tensors."""
         from pathlib import Path
 
-        from absorbdeploy.checkpoint import read_header
+        from absorbdeploy.checkpoint import check_index
 
         folder = Path(model_name)
         if folder.is_dir():
-            names = [k for f in sorted(folder.glob("*.safetensors")) for k in read_header(f) if k != "__metadata__"]
-            integrity.check_targets(self.targets, names)
+            integrity.check_targets(self.targets, [k for header in check_index(folder).values() for k in header])
 
     def get_quant_method(self, layer, prefix: str):
         if not isinstance(layer, LinearBase):

@@ -15,17 +15,30 @@ def _plain(quiet: bool = False):
     return Progress(3, quiet=quiet, console=Console(file=buffer, force_terminal=False, width=200)), buffer
 
 
-def test_stages_are_numbered_logged_and_timed():
+class _Clock:
+    """A perf_counter that advances by the given steps, so stage times are known exactly."""
+
+    def __init__(self, *readings):
+        self.readings = list(readings)
+
+    def perf_counter(self):
+        return self.readings.pop(0)
+
+
+def test_stages_are_numbered_logged_and_timed(monkeypatch):
+    import absorbdeploy.progress
+
+    monkeypatch.setattr(absorbdeploy.progress, "time", _Clock(10.0, 12.5, 20.0, 20.25))
     progress, out = _plain()
     with progress.stage("load", "builtin:tiny-llama"):
-        time.sleep(0.05)
+        pass
     with progress.stage("data"):
         pass
     lines = out.getvalue().splitlines()
     assert lines[0] == "[1/3] load       builtin:tiny-llama" and lines[2] == "[2/3] data"
     assert lines[1].strip().startswith("done in") and lines[1].strip().endswith(" s")
     assert list(progress.stages) == ["load", "data"]
-    assert progress.stages["load"]["seconds"] >= 0.05 and progress.stages["data"]["seconds"] >= 0
+    assert progress.stages["load"]["seconds"] == 2.5 and progress.stages["data"]["seconds"] == 0.25
     assert progress.stages["load"]["peak_rss_mb"] > 10  # a Python process with rich and psutil loaded
 
 
@@ -56,12 +69,15 @@ def test_quiet_prints_nothing_but_still_records():
     assert out.getvalue() == "" and set(progress.stages) == {"prune"}
 
 
-def test_a_failing_stage_is_recorded_and_the_error_propagates():
+def test_a_failing_stage_is_recorded_and_the_error_propagates(monkeypatch):
+    import absorbdeploy.progress
+
+    monkeypatch.setattr(absorbdeploy.progress, "time", _Clock(3.0, 4.0))
     progress, _ = _plain()
     with pytest.raises(ValueError, match="boom"):
         with progress.stage("export"):
             raise ValueError("boom")
-    assert "seconds" in progress.stages["export"] and progress.index == 1
+    assert progress.stages["export"]["seconds"] == 1.0 and progress.index == 1
 
 
 def test_on_a_terminal_the_bar_is_shown_and_closed_when_done():

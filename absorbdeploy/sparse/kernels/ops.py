@@ -28,14 +28,17 @@ def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, 
     row_offsets int64 [out] (implied by the bitmask, so unused here); bias [out] or None.
     Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz.
     """
-    rows = bitmask.shape[0]
-    mask = unpack_bits(bitmask, in_features)
-    dense = torch.zeros(rows, in_features, dtype=torch.float32)
-    dense[mask] = values.float()
-    y = x.float() @ dense.T
+    y = x.float() @ _dense_fp32(values, bitmask, in_features).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def _dense_fp32(values, bitmask, in_features: int):
+    """W [out, in_features] in fp32 from the packed values and the bitmask."""
+    dense = torch.zeros(bitmask.shape[0], in_features, dtype=torch.float32, device=values.device)
+    dense[unpack_bits(bitmask, in_features)] = values.float()
+    return dense
 
 
 def _fake(x, values, bitmask, row_offsets, in_features, bias=None):
@@ -54,9 +57,7 @@ def _backward(ctx, grad):
     values, bitmask = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        dense = torch.zeros(bitmask.shape[0], ctx.in_features, dtype=torch.float32, device=values.device)
-        dense[unpack_bits(bitmask, ctx.in_features)] = values.float()
-        grad_x = (grad.float() @ dense).to(ctx.x_dtype)
+        grad_x = (grad.float() @ _dense_fp32(values, bitmask, ctx.in_features)).to(ctx.x_dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
     return grad_x, None, None, None, None, grad_bias
