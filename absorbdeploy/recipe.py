@@ -118,6 +118,9 @@ class Latency:
     iters: int = 10
     prompt_len: int = 128
     new_tokens: int = 32
+    batches: tuple[int, ...] = (1, 8)  # decode and prefill timed at each (prompts of batch x prompt_len tokens)
+    # dense and sparse are each timed in their fastest of these (where the runtime lets us choose; else the run's)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)

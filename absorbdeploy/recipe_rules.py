@@ -174,6 +174,14 @@ def check_settled(r) -> None:
     _at_least("validate.latency.iters", lat.iters, 1)
     _at_least("validate.latency.prompt_len", lat.prompt_len, 1)
     _at_least("validate.latency.new_tokens", lat.new_tokens, 1)
+    if not lat.batches:
+        raise UserError("validate.latency.batches must list at least one batch size, e.g. [1, 8]")
+    for batch in lat.batches:
+        _at_least("validate.latency.batches[]", batch, 1)
+    if not lat.dtypes:
+        raise UserError("validate.latency.dtypes must list at least one of " + ", ".join(DTYPES))
+    for dtype in lat.dtypes:
+        _choice("validate.latency.dtypes[]", dtype, DTYPES)
     g = v.gates
     if g.max_ppl_ratio is not None and not g.max_ppl_ratio > 0:
         raise UserError(f"validate.gates.max_ppl_ratio must be > 0 or null, got {g.max_ppl_ratio}")

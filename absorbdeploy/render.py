@@ -46,20 +46,28 @@ def latency_rows(report: dict) -> list[list[str]]:
     rows = []
     for runtime, info in report.get("runtimes", {}).items():
         lat = info.get("latency")
+        if info.get("latency_error"):
+            rows.append([runtime, "–", "–", "–", "–", f"not measured: {info['latency_error']}", "–"])
         if not lat:
             continue
-        for phase in ("prefill", "decode"):
-            entry = lat.get(f"{phase}_tok_s")
-            if not entry:
-                rows.append([runtime, phase, "–", "–", "n/a (no KV-cache graph)"])
-                continue
-            d, s = entry["dense"], entry["sparse"]
-            rows.append([runtime, phase, f"{d['median']:.1f} [{d['p10']:.1f}, {d['p90']:.1f}]",
-                         f"{s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}]", f"{entry['ratio']:.3f}"])
+        by_batch = lat.get("by_batch") or {str(lat.get("batch", 1)): lat}
+        dtypes = (lat.get("dense_dtype", "?"), lat.get("sparse_dtype", "?"))
+        for batch, entry_set in by_batch.items():
+            for phase in ("prefill", "decode"):
+                entry = entry_set.get(f"{phase}_tok_s")
+                path = (lat.get("kernel_paths") or {}).get(f"{phase} b{batch}", "–")
+                if not entry:
+                    rows.append([runtime, batch, phase, "–", "–", "n/a (no KV-cache graph)", path])
+                    continue
+                d, s = entry["dense"], entry["sparse"]
+                rows.append([runtime, batch, phase, f"{d['median']:.1f} [{d['p10']:.1f}, {d['p90']:.1f}] {dtypes[0]}",
+                             f"{s['median']:.1f} [{s['p10']:.1f}, {s['p90']:.1f}] {dtypes[1]}", f"{entry['ratio']:.3f}",
+                             path])
     return rows
 
 
-LATENCY_HEADER = ["runtime", "phase", "dense tok/s median [p10, p90]", "sparse tok/s median [p10, p90]", "ratio"]
+LATENCY_HEADER = ["runtime", "batch", "phase", "dense tok/s median [p10, p90] dtype",
+                  "sparse tok/s median [p10, p90] dtype", "ratio", "kernel path (largest packed layer)"]
 
 
 def _table(header, rows) -> str:
@@ -97,8 +105,9 @@ def markdown(report: dict) -> str:
     lat = latency_rows(report)
     if lat:
         out += ["## Latency (dense and sparse interleaved in one run, warm-up excluded)", "", _table(LATENCY_HEADER, lat), "",
-                "Unstructured sparsity stores zeros densely in every runtime here, so a ratio near 1.0 is expected "
-                "(see the README, 'Why is it not faster?').", ""]
+                "Each side runs in its fastest dtype of validate.latency.dtypes (probed first). Only the bitmask "
+                "runtimes skip the zeros; elsewhere unstructured sparsity stores them densely and a ratio near 1.0 is "
+                "expected (README, 'Does sparsity pay?').", ""]
     out += ["![PPL ratio per artefact](ppl_ratio.png)", ""]
     gates = report["gates"]
     if gates:

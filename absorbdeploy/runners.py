@@ -47,6 +47,11 @@ class Runner:
         """Bytes of weights held in memory, where this process can measure them (None: another process or runtime)."""
         return None
 
+    def kernel_paths(self, rows: dict) -> dict | None:
+        """label -> the bitmask kernel path that serves the model's largest packed Linear at that many rows of x (see
+        `largest_packed_paths`); None where the model runs no bitmask kernel."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -86,6 +91,9 @@ class TorchRunner(Runner):
 
         return resident_weight_bytes(self.model)
 
+    def kernel_paths(self, rows: dict) -> dict | None:
+        return largest_packed_paths(self.model, rows, next(self.model.parameters()).dtype)
+
     def logits(self, ids):
         import torch
 
@@ -112,3 +120,18 @@ class TorchRunner(Runner):
                 tokens.append(token)
             sync()
         return Timing(prefill, time.perf_counter() - start, new_tokens, [int(t[0, 0]) for t in tokens])
+
+
+def largest_packed_paths(model, rows: dict, x_dtype) -> dict | None:
+    """label -> kernels.served_path of the model's largest packed Linear (transformers' BitmaskLinear or a vLLM layer
+    holding `compressed` and `bitmask`) for x of `x_dtype` with rows[label] rows; None when nothing is packed."""
+    packed = [m for m in model.modules() if hasattr(m, "compressed") and hasattr(m, "bitmask")]
+    if not packed:
+        return None
+    from absorbdeploy.sparse.kernels import served_path
+
+    layer = max(packed, key=lambda m: m.bitmask.shape[0] * m.bitmask.shape[1])
+    out, columns = layer.bitmask.shape[0], getattr(layer, "bitmask_in_features", None) or layer.in_features
+    name = f"{out}x{columns}"
+    return {label: f"{served_path(out, columns, layer.compressed.numel(), x_dtype, layer.compressed.dtype, n)} ({name})"
+            for label, n in rows.items()}

@@ -26,12 +26,21 @@ class Subjects:
     batch_size: int = 8  # torch forwards
 
 
-def time_pair(dense: Runner, sparse: Runner, vocab: int, settings, seed: int) -> dict:
+def time_pair(dense: dict, sparse: dict, vocab: int, settings, seed: int) -> dict:
+    """latency.compare_runtime on random prompts of settings.prompt_len tokens at each of settings.batches; `dense`,
+    `sparse`: dtype -> Runner. Adds the kernel path that served the sparse side's largest packed layer (where it has
+    one) at each batch, decode and prefill."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, settings.prompt_len), generator=generator)
-    return latency.side_by_side(dense, sparse, prompt, settings.new_tokens, settings.warmup, settings.iters)
+    prompts = {b: torch.randint(0, vocab, (b, settings.prompt_len), generator=generator) for b in settings.batches}
+    result = latency.compare_runtime(dense, sparse, prompts, settings.new_tokens, settings.warmup, settings.iters)
+    rows = {f"{phase} b{b}": b * (settings.prompt_len if phase == "prefill" else 1)
+            for b in settings.batches for phase in ("prefill", "decode")}
+    paths = sparse[result["sparse_dtype"]].kernel_paths(rows)
+    if paths:
+        result["kernel_paths"] = paths
+    return result
 
 
 def device_description() -> dict:
@@ -86,6 +95,7 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
     options = exporters.RuntimeOptions(v.runtime_dtype, _max_len(v))
     scored = entries(artefacts)
     runners, baseline_runners, dense_for, results = {}, {}, {}, {}
+    timing = {}  # name -> what _timing_runners needs to start that entry's runners in the other dtypes
     try:
         for name, (fmt, runtime) in scored.items():
             module, opts = exporters.get(fmt), dataclasses.replace(options, name=runtime)
@@ -98,9 +108,11 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
                     key = engine if module.SERVES_CHECKPOINT else name  # one plain-checkpoint baseline per engine
                     if key not in baseline_runners:
                         baseline = _dense_baseline(module, subjects, tokenizer, specs[fmt], workdir / key.replace(" ", "_"))
-                        baseline_runners[key] = None if baseline is None else (module.load(baseline[0], opts), baseline[1])
+                        baseline_runners[key] = None if baseline is None else (module.load(baseline[0], opts), baseline[1],
+                                                                               baseline[0])
                     if baseline_runners[key] is not None:
                         dense_for[name] = baseline_runners[key]
+                        timing[name] = (module, artefacts[fmt].path, baseline_runners[key], opts)
             except Exception as e:
                 results[name] = _failure(runtime, e)
         ref = compare.reference(subjects.reference, windows, v.compare_windows)
@@ -119,12 +131,22 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
         if v.latency.enabled:
             if subjects.pruned_model is not None:
                 batch = subjects.batch_size
-                runtimes["torch"]["latency"] = time_pair(TorchRunner(subjects.dense_model, batch),
-                                                         TorchRunner(subjects.pruned_model, batch), subjects.vocab, v.latency, seed)
-            for name, (dense, _) in dense_for.items():
+                runtimes["torch"]["latency"] = time_pair({v.runtime_dtype: TorchRunner(subjects.dense_model, batch)},
+                                                         {v.runtime_dtype: TorchRunner(subjects.pruned_model, batch)},
+                                                         subjects.vocab, v.latency, seed)
+            for name in dense_for:
                 if "error" not in results[name]:
-                    runtimes[runners[name].runtime]["latency"] = time_pair(dense, runners[name], subjects.vocab,
-                                                                           v.latency, seed)
+                    dense, sparse = _timing_runners(*timing[name], runners[name], v.latency.dtypes)
+                    try:
+                        runtimes[runners[name].runtime]["latency"] = time_pair(dense, sparse, subjects.vocab,
+                                                                               v.latency, seed)
+                    except Exception as e:  # timing is a measurement, not a gate: say why it is missing
+                        runtimes[runners[name].runtime]["latency_error"] = _failure(runners[name].runtime, e)["error"]
+                        progress.log(f"    {name}: latency not measured: {runtimes[runners[name].runtime]['latency_error']}")
+                    finally:  # one entry's extra runners at a time: vLLM engines hold GiBs each
+                        for extra in {id(r): r for r in [*dense.values(), *sparse.values()]}.values():
+                            if extra is not runners[name] and extra is not dense_for[name][0]:
+                                extra.close()
     finally:
         for r in [*runners.values(), *(b[0] for b in baseline_runners.values() if b is not None)]:
             r.close()
@@ -150,6 +172,24 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
     return {"dense_ppl": dense_ppl, "reference_ppl": ref.ppl, "artefacts": ordered, "runtimes": runtimes, "gates": gates,
             "device": device_description(), "zero_shot": zero_shot, "dense_bytes": subjects.dense_bytes or {},
             "entries": {name: fmt for name, (fmt, _) in scored.items()}}
+
+
+def _timing_runners(module, path, baseline, opts, runner, dtypes) -> tuple[dict, dict]:
+    """dtype -> Runner for the dense baseline and the artefact: the scoring runners in the run's dtype and, where the
+    runtime computes in the dtype asked for, one more of each per other dtype of `dtypes`, started now (the caller
+    closes them after timing; their KV cache is 1 GiB, vLLM's smallest: timing needs little)."""
+    import dataclasses
+
+    dense_runner, _, dense_path = baseline
+    dense, sparse = {opts.dtype: dense_runner}, {opts.dtype: runner}
+    if module.CHOOSES_DTYPE and opts.dtype not in dtypes and dtypes:  # the run's dtype is not a candidate
+        dense, sparse = {}, {}
+    if module.CHOOSES_DTYPE:
+        for dtype in dtypes:
+            if dtype != opts.dtype:
+                other = dataclasses.replace(opts, dtype=dtype, kv_cache_gib=1)
+                dense[dtype], sparse[dtype] = module.load(dense_path, other), module.load(path, other)
+    return dense, sparse
 
 
 def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):

@@ -21,10 +21,13 @@ class VllmRunner(Runner):
     runtime = "vllm"
     exposes_logits = False
 
-    def __init__(self, out_dir, dtype: str, max_model_len: int, name: str = "vllm"):
+    def __init__(self, out_dir, dtype: str, max_model_len: int, name: str = "vllm", kv_cache_gib: int | None = None):
         self.runtime = name
         self.log = tempfile.NamedTemporaryFile(prefix="absorbdeploy-vllm-", suffix=".log", delete=False)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        # vLLM's CPU KV cache: 1 GiB holds the 512-1024-token windows validation scores, and validation runs up to five
+        # engines side by side (the user's VLLM_CPU_KVCACHE_SPACE wins)
+        kv_cache = str(kv_cache_gib) if kv_cache_gib is not None else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_cache}
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         args = [sys.executable, "-m", "absorbdeploy.vllm_runner", str(Path(out_dir).resolve()), dtype, str(max_model_len)]
@@ -69,6 +72,13 @@ class VllmRunner(Runner):
         answer = self._ask({"op": "generate", "prompts": prompt.tolist(), "new_tokens": new_tokens})
         return Timing(answer["prefill_s"], answer["decode_s"], new_tokens, answer["tokens"])
 
+    def resident_weight_bytes(self) -> int:
+        """Bytes of the engine's weights (parameters and buffers of the loaded model, summed over its workers)."""
+        return self._ask({"op": "probe", "rows": {}})["resident_weight_bytes"]
+
+    def kernel_paths(self, rows: dict) -> dict | None:
+        return self._ask({"op": "probe", "rows": rows})["kernel_paths"]
+
     def resident_bytes(self) -> int:
         """RSS of the engine: the worker process and its children (vLLM's engine core runs in one)."""
         import psutil
@@ -93,6 +103,33 @@ class VllmRunner(Runner):
         Path(self.log.name).unlink(missing_ok=True)
 
 
+class WorkerProbe:
+    """Mixed into each vLLM worker (LLM(worker_extension_cls=...)); `absorbdeploy_probe` answers the runner's probe
+    from the loaded model: its weight bytes and, for a bitmask model, the kernel path per number of rows."""
+
+    def absorbdeploy_probe(self, rows: dict) -> dict:
+        from absorbdeploy.runners import largest_packed_paths
+        from absorbdeploy.sparse.linear import resident_weight_bytes
+
+        model = self.model_runner.model
+        return {"resident_weight_bytes": resident_weight_bytes(model) + _moved_weight_bytes(model),
+                "kernel_paths": largest_packed_paths(model, rows, self.model_runner.model_config.dtype)}
+
+
+def _moved_weight_bytes(model) -> int:
+    """Bytes of the dense Linear weights vLLM's CPU backend moved out of the module into a GEMM handle (oneDNN or its
+    own packed kernel, `layer.cpu_linear`), leaving an empty `weight`: rows x columns of the layer in the weight's dtype
+    (the handle holds the same elements re-laid-out; its buffer is not visible from Python)."""
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "cpu_linear") and hasattr(module, "output_partition_sizes") and weight is not None \
+                and weight.numel() == 0:
+            columns = getattr(module, "input_size_per_partition", getattr(module, "input_size", 0))
+            total += sum(module.output_partition_sizes) * columns * weight.element_size()
+    return total
+
+
 def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
     """Worker main loop. Protocol lines go to the original stdout; everything vLLM prints goes to stderr."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
@@ -102,7 +139,7 @@ def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
 
     try:
         llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0,
-                  enable_prefix_caching=False, max_logprobs=1)
+                  enable_prefix_caching=False, max_logprobs=1, worker_extension_cls=f"{__name__}.WorkerProbe")
     except BaseException as e:  # vLLM refuses some checkpoints with exceptions of odd types (DeprecationWarning)
         protocol.write(json.dumps({"error": f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}) + "\n")
         return
@@ -122,6 +159,10 @@ def _serve(model_dir: str, dtype: str, max_model_len: int) -> None:
                     targets.append([step[token].logprob for step, token in zip(steps, window[1:])])
                     tops.append([next(t for t, lp in step.items() if lp.rank == 1) for step in steps])
                 protocol.write(json.dumps({"target_logprobs": targets, "top1": tops}) + "\n")
+            elif request["op"] == "probe":
+                answers = llm.collective_rpc("absorbdeploy_probe", args=(request["rows"],))
+                protocol.write(json.dumps({"resident_weight_bytes": sum(a["resident_weight_bytes"] for a in answers),
+                                           "kernel_paths": answers[0]["kernel_paths"]}) + "\n")
             elif request["op"] == "generate":
                 prompts = [{"prompt_token_ids": p} for p in request["prompts"]]
                 first = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)

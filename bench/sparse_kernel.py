@@ -1,8 +1,9 @@
 """The bitmask sparse kernel against dense torch and torch CSR, side by side in one process, with a bandwidth floor.
 
 For each weight shape (out x in), sparsity and batch: `F.linear` in fp32, bf16 and fp16 (the best of the three is
-"best dense"), torch's CSR matmul in fp32, and `absorbdeploy::bitmask_linear` with bf16 values and fp32 or bf16 x (the
-better is compared with the best dense; bf16 x above batch 10 takes the tiled bf16 GEMM path). Each is timed
+"best dense"), torch's CSR matmul in fp32 (up to batch CSR_MAX_BATCH), and `absorbdeploy::bitmask_linear` with bf16
+values and fp32 or bf16 x (the better is compared with the best dense), each on the path its measured plan picks
+(kernels/tune.py, planned before timing; the "path" column names it for bf16 x). Each is timed
 as the median of many calls, interleaved call by call so drift hits every variant alike; GB/s counts the bytes each
 reads once (kernel: values + bitmask + row_offsets + x). Each variant cycles through copies of its weights filling
 twice the last-level cache, so weights come from memory as a model's layers do, while code and x stay cached (a cache
@@ -13,7 +14,8 @@ is the memory system, not the clock). The floor is `sum()` over a buffer 8x the 
 on torch's threads. Targets (the project's): at 70 %, batch 1, 4096 x 11008, >= 2x the best dense and >= 60 % of the
 floor; at 50 %, >= 1.3x.
 
-    .venv/bin/python -m bench.sparse_kernel [--quick] [--threads N]
+    .venv/bin/python -m bench.sparse_kernel [--quick] [--threads N] [--shapes 4096x11008] [--sparsities 0.5,0.7]
+                                            [--batches 1,8,32,512]
 """
 
 import argparse
@@ -33,8 +35,9 @@ from .common import table, write
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (1536, 576), (576, 1536)]
 SPARSITIES = [0.5, 0.7, 0.9]
-BATCHES = [1, 4, 16]
-QUICK = ([(4096, 11008), (576, 1536)], [0.5, 0.7], [1, 16])
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 512]
+QUICK = ([(4096, 11008), (576, 1536)], [0.5, 0.7], [1, 8, 32, 512])
+CSR_MAX_BATCH = 64  # beyond it one CSR call takes seconds and says nothing new
 SECONDS_PER_VARIANT = 0.25
 MIN_ROUNDS = 30
 
@@ -137,9 +140,12 @@ def variants(w: torch.Tensor, x: torch.Tensor, cache_bytes: int) -> dict:
         csr = w.float().to_sparse_csr()
     x_t = x.T.contiguous()
     csr_bytes = nbytes(csr.values(), csr.col_indices(), csr.crow_indices())
-    out["torch CSR fp32"] = (Cycling(lambda c: c @ x_t, (csr,), csr_bytes, cache_bytes), csr_bytes + nbytes(x_t))
+    if x.shape[0] <= CSR_MAX_BATCH:
+        out["torch CSR fp32"] = (Cycling(lambda c: c @ x_t, (csr,), csr_bytes, cache_bytes), csr_bytes + nbytes(x_t))
     parts = compress_bitmask(w)
     packed = (parts["compressed"], parts["bitmask"], parts["row_offsets"])
+    for dtype in (torch.float32, torch.bfloat16):
+        kernels.ensure_planned(*packed, w.shape[1], dtype)
     for name, xk in (("kernel", x), ("kernel bf16 x", x.bfloat16())):  # bf16 x: batches > 10 take the bf16 GEMM path
         call = Cycling(lambda v, m, o, xk=xk: kernels.bitmask_linear(xk, v, m, o, w.shape[1]), packed, nbytes(*packed),
                        cache_bytes)
@@ -168,16 +174,19 @@ def measure(w: torch.Tensor, batch: int, cache_bytes: int) -> dict:
     for name, (fn, _) in calls.items():
         fn()
         warm[name] = median_seconds(fn, 3)
-    csr = {"torch CSR fp32": calls.pop("torch CSR fp32")}
+    csr = {"torch CSR fp32": calls.pop("torch CSR fp32")} if "torch CSR fp32" in calls else {}
     rounds = max(MIN_ROUNDS, min(300, int(SECONDS_PER_VARIANT / max(warm[n] for n in calls))))
     times = timed_rounds(calls, rounds)
-    csr_rounds = max(MIN_ROUNDS // 3, min(rounds, int(SECONDS_PER_VARIANT / warm["torch CSR fp32"])))
-    times.update(timed_rounds(csr, csr_rounds))
-    calls.update(csr)
+    if csr:
+        csr_rounds = max(MIN_ROUNDS // 3, min(rounds, int(SECONDS_PER_VARIANT / warm["torch CSR fp32"])))
+        times.update(timed_rounds(csr, csr_rounds))
+        calls.update(csr)
     medians = {name: statistics.median(times[name]) for name in calls}
     result = {name: {"seconds": medians[name], "bytes": calls[name][1], "iterations": len(times[name]),
                      "gbps": calls[name][1] / medians[name] / 1e9} for name in calls}
-    return {**result, "other_cpu_share": load.share()}
+    nnz = int((w != 0).sum())
+    path = {str(dt)[6:]: kernels.served_path(*w.shape, nnz, dt, torch.bfloat16, batch) for dt in (torch.float32, torch.bfloat16)}
+    return {**result, "other_cpu_share": load.share(), "kernel_path": path}
 
 
 def row(shape, sparsity, batch, result, floor_gbps) -> dict:
@@ -187,11 +196,12 @@ def row(shape, sparsity, batch, result, floor_gbps) -> dict:
     kernel = min((result["kernel"], result["kernel bf16 x"]), key=lambda k: k["seconds"])
     return {"out x in": f"{shape[0]}x{shape[1]}", "sparsity": f"{sparsity:.0%}", "batch": batch,
             **{f"{k} ms": f"{v * 1e3:.3f}" for k, v in dense.items()},
-            "CSR ms": f"{result['torch CSR fp32']['seconds'] * 1e3:.3f}",
+            "CSR ms": f"{result['torch CSR fp32']['seconds'] * 1e3:.3f}" if "torch CSR fp32" in result else "–",
             "kernel ms fp32 x / bf16 x": f"{result['kernel']['seconds'] * 1e3:.3f} / {result['kernel bf16 x']['seconds'] * 1e3:.3f}",
+            "path (bf16 x)": result["kernel_path"]["bfloat16"].split(" (")[0],
             "kernel GB/s": f"{kernel['gbps']:.1f}", "% floor": f"{kernel['gbps'] / floor_gbps:.0%}",
             "best dense": best[6:], "x best dense": f"{dense[best] / kernel['seconds']:.2f}",
-            "x CSR": f"{result['torch CSR fp32']['seconds'] / kernel['seconds']:.2f}",
+            "x CSR": f"{result['torch CSR fp32']['seconds'] / kernel['seconds']:.2f}" if "torch CSR fp32" in result else "–",
             "other load": "?" if other is None else f"{other:.0%}"}
 
 
@@ -216,13 +226,20 @@ def targets(results: list[dict], floor_gbps: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="2 shapes, 2 sparsities, batch 1 and 16")
+    parser.add_argument("--quick", action="store_true", help="2 shapes, 2 sparsities, batch 1, 8, 32 and 512")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--shapes", help="out x in pairs, e.g. 4096x11008,576x1536 (default: all, or --quick's)")
+    parser.add_argument("--sparsities", help="e.g. 0.5,0.7")
+    parser.add_argument("--batches", help="e.g. 1,2,4,8,16,32,64,512")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     shapes, sparsities, batches = QUICK if args.quick else (SHAPES, SPARSITIES, BATCHES)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else sparsities
+    batches = [int(v) for v in args.batches.split(",")] if args.batches else batches
     run_load = OtherLoad()
     start = time.perf_counter()
     backend = kernels.ensure_loaded()
@@ -251,7 +268,13 @@ def main() -> None:
         print(f"target at {c['sparsity']:.0%}, batch 1, 4096x11008: {c['speedup']:.2f}x best dense "
               f"(>= {c['speedup_target']}x){floor_note}"
               + (" MET" if c["met"] else " MISSED"))
+    import platform
+
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    amx = backend == "extension" and bool(torch.ops.absorbdeploy.amx_available())
     payload = {"quick": args.quick, "kernel_path": kernels.active_path(), "backend": backend, "cpu": os.cpu_count(),
+               "cpu_model": cpu_model, "amx": amx,
                "last_level_cache_bytes": cache_bytes, "cache_source": cache_source, "floor": floor,
                "other_cpu_share_whole_run": run_load.share(), "results": results, "targets": checks,
                "first_load_seconds": build_seconds}

@@ -11,6 +11,7 @@
     STREAM_BY_TENSORS: bool streaming mode compares `tensors` instead of loading the whole model in this process
     SERVES_CHECKPOINT: bool a plain HF checkpoint directory loads in that runtime (a dense baseline for timing)
     TIMED: bool             time dense and pruned side by side in that runtime
+    CHOOSES_DTYPE: bool     its runtimes compute in RuntimeOptions.dtype (latency tries each of validate.latency.dtypes)
 
 This module is the registry only: `FORMATS` is the one list of formats, and a format's module (and its runtime: vllm,
 onnxruntime) is imported only by `get`. What formats write and read back in common lives in export_files.py.
@@ -76,6 +77,7 @@ class RuntimeOptions:
     dtype: str = "float32"  # compute dtype where the runtime lets us choose (vLLM, transformers)
     max_model_len: int = 1024  # longest sequence it must hold
     name: str | None = None  # which of the format's RUNTIMES (None: its own, the first)
+    kv_cache_gib: int | None = None  # vLLM's CPU KV-cache GiB, an integer (None: VLLM_CPU_KVCACHE_SPACE, else 1)
 
 
 def spec_for(fmt: str, export, prunable, nm, sidecar=None, streamed=None, checkpoint=None) -> ExportSpec:

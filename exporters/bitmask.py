@@ -25,6 +25,7 @@ RUNTIMES = {"torch + bitmask kernel": Runtime("torch", (), lambda out_dir, runti
 STREAM_BY_TENSORS = True  # streaming: the model may not fit in this process; its tensors are compared instead
 SERVES_CHECKPOINT = True  # transformers loads a plain checkpoint too: the dense baseline in the same runtime
 TIMED = True
+CHOOSES_DTYPE = True  # transformers and vLLM compute in the dtype asked for
 LAYOUT = "sparse-bitmask"
 
 
@@ -75,4 +76,5 @@ def _open_vllm(out_dir, runtime: RuntimeOptions):
 
     check_directory(out_dir)  # vLLM's engine process would report a damaged file only as a failed engine core
 
-    return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len, name="vllm + bitmask plugin")
+    return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len, name="vllm + bitmask plugin",
+                      kv_cache_gib=runtime.kv_cache_gib)

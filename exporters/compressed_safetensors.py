@@ -26,6 +26,7 @@ RUNTIMES = {"torch (decoded)": Runtime("torch", (), lambda out_dir, runtime: _op
 STREAM_BY_TENSORS = True  # decoding holds the whole model: in streaming mode its tensors are compared with vllm/
 SERVES_CHECKPOINT = False
 TIMED = False  # it decodes to exactly the in-memory model, which is timed in torch already
+CHOOSES_DTYPE = False  # not timed
 LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose on-disk layout this reproduces
 
 

@@ -23,6 +23,7 @@ RUNTIMES = {"onnxruntime": Runtime("onnxruntime", ("onnxruntime",), lambda out_d
 STREAM_BY_TENSORS = False  # exporting traced the whole model anyway; onnxruntime runs it
 SERVES_CHECKPOINT = False
 TIMED = True
+CHOOSES_DTYPE = False  # the graph's dtype is fixed at export
 MODEL_FILE = "model.onnx"
 KV_DIR = "kv"
 DATA_FILE = "model.onnx.data"

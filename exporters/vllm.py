@@ -20,6 +20,7 @@ RUNTIMES = {"vllm": Runtime("vllm", ("vllm",), lambda out_dir, runtime: _open_vl
 STREAM_BY_TENSORS = False
 SERVES_CHECKPOINT = True
 TIMED = True
+CHOOSES_DTYPE = True  # vLLM computes in the dtype asked for
 
 
 def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
@@ -50,4 +51,4 @@ def load(out_dir, runtime: RuntimeOptions):
 def _open_vllm(out_dir, runtime: RuntimeOptions):
     from absorbdeploy.vllm_runner import VllmRunner
 
-    return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len)
+    return VllmRunner(out_dir, runtime.dtype, runtime.max_model_len, kv_cache_gib=runtime.kv_cache_gib)

@@ -28,7 +28,8 @@ LAYERS = [
 # What the served-sparse folder may import from outside itself: nothing above the model and data access layer.
 SPARSE_MAY_IMPORT = {"absorbdeploy.errors", "absorbdeploy.source", "absorbdeploy.checkpoint"}
 VERBS = ("export", "load", "describe", "tensors")
-DECLARATIONS = {"FORMAT": str, "RUNTIMES": dict, "STREAM_BY_TENSORS": bool, "SERVES_CHECKPOINT": bool, "TIMED": bool}
+DECLARATIONS = {"FORMAT": str, "RUNTIMES": dict, "STREAM_BY_TENSORS": bool, "SERVES_CHECKPOINT": bool, "TIMED": bool,
+                "CHOOSES_DTYPE": bool}
 
 
 def test_required_top_level_exists():

@@ -26,6 +26,7 @@ class BitmaskLinear(torch.nn.Module):
         self.register_buffer("row_offsets", torch.empty(out_features, dtype=torch.int64, device=device))
         self.register_buffer("shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.bias = torch.nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._planned: set = set()  # x dtypes whose kernel plan (kernels/tune.py) this module has ensured
 
     @classmethod
     def from_parts(cls, parts: dict, bias=None) -> "BitmaskLinear":
@@ -39,8 +40,11 @@ class BitmaskLinear(torch.nn.Module):
         return module
 
     def forward(self, x):
-        from absorbdeploy.sparse.kernels import bitmask_linear
+        from absorbdeploy.sparse.kernels import bitmask_linear, ensure_planned
 
+        if x.dtype not in self._planned and not torch.compiler.is_compiling() and self.compressed.device.type == "cpu":
+            ensure_planned(self.compressed, self.bitmask, self.row_offsets, self.in_features, x.dtype)
+            self._planned.add(x.dtype)
         return bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias)
 
     def dense_weight(self):

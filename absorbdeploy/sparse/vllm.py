@@ -73,7 +73,7 @@ class BitmaskLinearMethod(LinearMethodBase):
             layer.register_parameter(part, param)
 
     def process_weights_after_loading(self, layer) -> None:
-        from absorbdeploy.sparse.kernels import ensure_loaded
+        from absorbdeploy.sparse.kernels import ensure_loaded, ensure_planned
 
         ensure_loaded()  # define the op (and its fake) before any torch.compile trace
         shards = []
@@ -88,6 +88,9 @@ class BitmaskLinearMethod(LinearMethodBase):
         for part in PARTS:
             setattr(layer, part, Parameter(packed[part].contiguous(), requires_grad=False))
         del layer.bitmask_pending
+        # the kernel's batch crossover for this layer, measured once per machine (kernels/tune.py)
+        ensure_planned(layer.compressed, layer.bitmask, layer.row_offsets, layer.bitmask_in_features,
+                       getattr(layer, "params_dtype", torch.get_default_dtype()))
 
     def apply(self, layer, x, bias=None):
         return torch.ops.absorbdeploy.bitmask_linear(x, layer.compressed, layer.bitmask, layer.row_offsets,

@@ -85,6 +85,27 @@ def test_smoke_times_dense_and_pruned_side_by_side_in_every_runtime(smoke):
     if "onnxruntime" in runtimes:
         assert runtimes["onnxruntime"]["latency"]["decode_tok_s"] is None  # no KV-cache graph
     assert "## Latency (dense and sparse interleaved" in (out / "report.md").read_text()
+    for runtime in ("torch + bitmask kernel", "vllm + bitmask plugin"):
+        if runtime not in runtimes:
+            continue
+        lat = runtimes[runtime]["latency"]
+        assert set(lat["by_batch"]) == {"1", "8"} and lat["by_batch"]["8"]["batch"] == 8
+        # each side ran in the fastest of the two dtypes it was probed in
+        for side in ("dense", "sparse"):
+            probed = lat["probe_tok_s"][side]
+            assert set(probed) == {"float32", "bfloat16"} and lat[f"{side}_dtype"] == max(probed, key=probed.get)
+        assert set(lat["kernel_paths"]) == {"prefill b1", "decode b1", "prefill b8", "decode b8"}
+        assert all(path.split(" (")[0].split()[-1] in ("fused", "amx") or " tiled/" in path
+                   for path in lat["kernel_paths"].values()), lat["kernel_paths"]
+
+
+@needs_vllm
+def test_smoke_measures_the_weights_each_vllm_engine_holds(smoke):
+    out, _ = smoke
+    artefacts = json.loads((out / "report.json").read_text())["artefacts"]
+    plugin, dense_vllm = artefacts["bitmask (vllm + bitmask plugin)"], artefacts["vllm"]
+    assert plugin["resident_weight_bytes"] < plugin["dense_resident_weight_bytes"]  # only the packed tensors
+    assert dense_vllm["resident_weight_bytes"] == dense_vllm["dense_resident_weight_bytes"]  # zeros stored
 
 
 @needs_vllm

@@ -42,3 +42,27 @@ def test_a_runtime_without_decode_timing_reports_none():
     sparse = Scripted("sparse", [1.0] * 3, [None] * 3, log)
     result = latency.side_by_side(dense, sparse, torch.zeros(1, 4, dtype=torch.long), 5, warmup=0, iters=3)
     assert result["decode_tok_s"] is None and result["prefill_tok_s"]["ratio"] == 1.0
+
+
+def test_prompt_rows_count_as_tokens_at_every_batch():
+    log = []
+    dense = Scripted("dense", [1.0, 1.0], [2.0, 2.0], log)
+    sparse = Scripted("sparse", [0.5, 0.5], [1.0, 1.0], log)
+    result = latency.side_by_side(dense, sparse, torch.zeros(8, 4, dtype=torch.long), 5, warmup=0, iters=1)
+    assert result["batch"] == 8 and result["prefill_tok_s"]["dense"]["median"] == 32.0  # 8 rows x 4 tokens in 1 s
+    assert result["decode_tok_s"]["sparse"]["median"] == 32.0  # 8 rows x 4 new tokens after the first, in 1 s
+
+
+def test_each_side_is_timed_in_its_fastest_dtype_at_every_batch():
+    log = []
+    dense = {"float32": Scripted("dense fp32", [1.0] * 9, [4.0] * 9, log),
+             "bfloat16": Scripted("dense bf16", [1.0] * 99, [2.0] * 99, log)}
+    sparse = {"float32": Scripted("sparse fp32", [1.0] * 99, [1.0] * 99, log),
+              "bfloat16": Scripted("sparse bf16", [1.0] * 9, [3.0] * 9, log)}
+    prompts = {1: torch.zeros(1, 4, dtype=torch.long), 8: torch.zeros(8, 4, dtype=torch.long)}
+    result = latency.compare_runtime(dense, sparse, prompts, 5, warmup=0, iters=2)
+    assert result["dense_dtype"] == "bfloat16" and result["sparse_dtype"] == "float32"
+    assert result["probe_tok_s"]["dense"] == {"float32": 1.0, "bfloat16": 2.0}
+    assert set(result["by_batch"]) == {"1", "8"} and result["by_batch"]["8"]["decode_tok_s"]["ratio"] == 2.0
+    assert result["decode_tok_s"] == result["by_batch"]["1"]["decode_tok_s"]
+    assert log[-8:] == ["dense bf16", "sparse fp32", "sparse fp32", "dense bf16"] * 2

@@ -48,17 +48,25 @@ def test_artefact_rows_one_per_artefact_and_failures_say_why():
     assert row[7] == "0.000 (logit)" and row[8] == "3.0 MiB" and row[9] == "dense (zeros stored)"
 
 
-def test_latency_rows_show_median_and_spread_and_a_missing_decode_graph():
+def test_latency_rows_show_each_batch_dtype_spread_path_and_a_missing_decode_graph():
     timing = {"dense": {"median": 100.0, "p10": 90.0, "p90": 110.0}, "sparse": {"median": 50.0, "p10": 45.04, "p90": 55.0},
               "ratio": 0.5}
-    report = {"runtimes": {"torch": {"latency": {"prefill_tok_s": timing, "decode_tok_s": timing}},
+    faster = {**timing, "ratio": 2.0}
+    kernel = {"prefill_tok_s": timing, "decode_tok_s": faster, "dense_dtype": "bfloat16", "sparse_dtype": "bfloat16",
+              "by_batch": {"1": {"prefill_tok_s": timing, "decode_tok_s": faster},
+                           "8": {"prefill_tok_s": timing, "decode_tok_s": timing}},
+              "kernel_paths": {"decode b1": "avx512 fused (64x96)", "prefill b8": "avx512 amx (64x96)"}}
+    report = {"runtimes": {"torch + bitmask kernel": {"latency": kernel},
                            "onnxruntime": {"latency": {"prefill_tok_s": timing, "decode_tok_s": None}},
                            "vllm": {"dense_ppl": 1.0}}}
     rows = render.latency_rows(report)
-    assert rows[0] == ["torch", "prefill", "100.0 [90.0, 110.0]", "50.0 [45.0, 55.0]", "0.500"]
-    assert [r[:2] for r in rows] == [["torch", "prefill"], ["torch", "decode"], ["onnxruntime", "prefill"],
-                                     ["onnxruntime", "decode"]]
-    assert rows[3][4] == "n/a (no KV-cache graph)"
+    assert rows[0] == ["torch + bitmask kernel", "1", "prefill", "100.0 [90.0, 110.0] bfloat16",
+                       "50.0 [45.0, 55.0] bfloat16", "0.500", "–"]
+    assert rows[1][5:] == ["2.000", "avx512 fused (64x96)"] and rows[2][6] == "avx512 amx (64x96)"
+    assert [r[:3] for r in rows] == [["torch + bitmask kernel", "1", "prefill"], ["torch + bitmask kernel", "1", "decode"],
+                                     ["torch + bitmask kernel", "8", "prefill"], ["torch + bitmask kernel", "8", "decode"],
+                                     ["onnxruntime", "1", "prefill"], ["onnxruntime", "1", "decode"]]
+    assert rows[5][5] == "n/a (no KV-cache graph)" and rows[4][3].endswith(" ?")
 
 
 def test_markdown_sections_follow_the_report():

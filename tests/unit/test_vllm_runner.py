@@ -48,9 +48,9 @@ def start(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm_runner.subprocess, "Popen", popen)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
 
-    def make(mode="serves"):
+    def make(mode="serves", **options):
         asked["mode"] = mode
-        runner = VllmRunner(tmp_path / "model", "float32", 256, name="vllm + plugin")
+        runner = VllmRunner(tmp_path / "model", "float32", 256, name="vllm + plugin", **options)
         runners.append(runner)
         return runner, asked
 
@@ -63,8 +63,16 @@ def test_the_worker_is_this_module_on_the_resolved_directory(start, tmp_path):
     runner, asked = start()
     assert asked["args"] == [sys.executable, "-m", "absorbdeploy.vllm_runner", str((tmp_path / "model").resolve()),
                              "float32", "256"]
-    assert asked["env"]["VLLM_CPU_KVCACHE_SPACE"] == "2" and asked["env"]["VLLM_NO_USAGE_STATS"] == "1"
+    assert asked["env"]["VLLM_CPU_KVCACHE_SPACE"] == "1" and asked["env"]["VLLM_NO_USAGE_STATS"] == "1"
     assert runner.runtime == "vllm + plugin" and runner.startup_s is None  # started, not yet waited for
+
+
+def test_a_runner_given_its_kv_cache_size_passes_it_to_the_engine(start, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "6")
+    _, asked = start()
+    assert asked["env"]["VLLM_CPU_KVCACHE_SPACE"] == "6"  # the user's setting wins over the default
+    _, asked = start(kv_cache_gib=1)
+    assert asked["env"]["VLLM_CPU_KVCACHE_SPACE"] == "1"  # validation's timing engines ask for less
 
 
 def test_scores_and_timings_come_back_as_tensors(start):

@@ -12,6 +12,7 @@ from absorbdeploy.sparse.kernels.ops import (
     bitmask_linear_reference,
     ensure_loaded,
 )
+from absorbdeploy.sparse.kernels.tune import PATH_VARIABLE, ensure_planned, served_path
 
-__all__ = ["ISA_VARIABLE", "active_path", "available_paths", "bitmask_linear", "bitmask_linear_reference",
-           "ensure_loaded"]
+__all__ = ["ISA_VARIABLE", "PATH_VARIABLE", "active_path", "available_paths", "bitmask_linear",
+           "bitmask_linear_reference", "ensure_loaded", "ensure_planned", "served_path"]

@@ -1,9 +1,10 @@
 // absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias) = x @ W^T (+ bias), W stored in
 // the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h).
 //
-// Decode (flattened batch <= kDecodeBatch, or kDecodeBatchBf16 when the prefill GEMM would be bf16): fused, W never
-// materialised; rows split across torch's threads.
-// Prefill (larger batch): tiles of rows decoded to a dense scratch and multiplied with one GEMM each, in bf16 when x
+// Three paths, chosen per call by the measured plan of dispatch.h:
+// fused (small batches): W never materialised; rows split across torch's threads.
+// amx (bf16 x and values, CPUs with AMX): 32-row blocks decoded to bf16 and multiplied on the tile unit (amx.h).
+// tiled (larger batches): tiles of rows decoded to a dense scratch and multiplied with one GEMM each, in bf16 when x
 // and the values are bf16 (exact products, fp32 accumulation, one rounding), else in fp32.
 // The ISA path is picked per call from kIsaTable: ABSORBDEPLOY_KERNEL_ISA = one of its names | auto (default: the best
 // one this CPU runs).
@@ -12,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -21,17 +23,13 @@
 #include <string>
 #include <vector>
 
+#include "amx.h"
+#include "dispatch.h"
 #include "isa.h"
 
 namespace absorbdeploy {
 namespace {
 
-// Where the fused path stops paying (4096 x 11008, 50 and 70 %, 2 threads): with bf16 x and values the tiled bf16
-// GEMM overtakes it between batch 10 and 12 (batch 16: 3.2-3.7 ms tiled vs 5.8-6.4 fused, dense bf16 3.8-4.9); with
-// fp32 x the tiled GEMM is fp32 and stays slower up to 16 (10.6 ms vs 5.8-6.1 fused).
-constexpr int64_t kDecodeBatch = 16;
-constexpr int64_t kDecodeBatchBf16 = 10;
-constexpr int64_t kPrefillTileRows = 128;
 constexpr int64_t kDecodeWorkPerTask = 1 << 15;  // weight columns per parallel_for grain unit (rows x in_features)
 
 // The ISA table, best first; the allow-list, the error message and kernel_paths() all read it.
@@ -169,7 +167,7 @@ at::Tensor prepare_decode_x(const at::Tensor& x, const IsaPath& kernel, ValueTyp
 
 void decode(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
             at::Tensor& y) {
-  const at::Tensor xp = prepare_decode_x(x, kernel, w.value_type);
+  const at::Tensor xp = prepare_decode_x(x.to(at::kFloat).contiguous(), kernel, w.value_type);
   const DecodeOutput out{xp.const_data_ptr<float>(), xp.size(1), x.size(0), y.mutable_data_ptr<float>(), rows};
   const int64_t bounced_from = first_bounced_row(w, rows, nnz);
   const int64_t grain = std::clamp<int64_t>(kDecodeWorkPerTask / std::max<int64_t>(w.in_features, 1), 1, 256);
@@ -179,18 +177,24 @@ void decode(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t
   });
 }
 
-// One tile of y^T: rows [r0, r1) of W decoded densely into `dense` (fp32, or bf16 bits when the GEMM is bf16) and
-// multiplied with x^T (x already in the GEMM's dtype); the bias, when given, is added inside the GEMM.
-void prefill_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t r0,
-                  int64_t r1, at::Tensor& dense, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                  at::Tensor& y_t) {
+// Rows [r0, r1) of W decoded densely into `dense` from its row 0 (fp32, or bf16 bits when `dense` is bf16).
+void decode_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t r0,
+                 int64_t r1, int64_t dense_row0, at::Tensor& dense) {
   const bool bf16 = dense.scalar_type() == at::kBFloat16;
+  std::vector<int64_t> consumed(r1 - r0, 0);
   for_rows_in_bounds(w, nnz, bounced_from, r0, r1, [&](const BitmaskMatrix& m, int64_t b, int64_t e) {
-    const int64_t offset = (b - r0) * w.in_features;
-    kernel.decode(m, b, e, DenseTile{bf16 ? nullptr : dense.mutable_data_ptr<float>() + offset,
-                                     bf16 ? reinterpret_cast<uint16_t*>(dense.mutable_data_ptr()) + offset : nullptr,
-                                     w.in_features});
+    const int64_t offset = (b - r0 + dense_row0) * w.in_features;
+    kernel.decode(m, b, e, 0, (w.in_features + 63) / 64,
+                  DenseTile{bf16 ? nullptr : dense.mutable_data_ptr<float>() + offset,
+                            bf16 ? reinterpret_cast<uint16_t*>(dense.mutable_data_ptr()) + offset : nullptr,
+                            w.in_features},
+                  consumed.data() + (b - r0));
   });
+}
+
+// y^T rows [r0, r1) = the decoded tile times x^T (x already in the GEMM's dtype), the bias, when given, inside.
+void gemm_tile(int64_t r0, int64_t r1, const at::Tensor& dense, const at::Tensor& x,
+               const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
   at::Tensor out = y_t.narrow(0, r0, r1 - r0);
   const at::Tensor weights = dense.narrow(0, 0, r1 - r0);
   if (bias.has_value())
@@ -199,27 +203,98 @@ void prefill_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, in
     at::mm_out(out, weights, x.t());
 }
 
-// y^T [rows, batch], tiles of kPrefillTileRows rows split across threads, each tile's GEMM on its own thread
-// (measured on 4096 x 11008, batch 40 and 512: as fast as or faster than serial tiles with threaded GEMMs, and as
-// 32-row or 512-row tiles).
-void prefill(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x,
-             const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
-  const int64_t bounced_from = first_bounced_row(w, rows, nnz);
-  const int64_t tiles = (rows + kPrefillTileRows - 1) / kPrefillTileRows;
+// y^T [rows, batch] in tiles of tile_rows rows, either split across threads, each tile decoded and multiplied on its
+// own thread (threaded_gemm false), or one tile after another, decoded by all threads and multiplied by one threaded
+// GEMM (true: large tiles, where oneDNN's threaded GEMM runs near the dense one; 4096 x 11008 at batch 512 on 2
+// threads, tiles of 2048 rows: 19.7 ms against 40.5 with 512 and 22.2 dense). The plan measures which.
+void prefill(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const Plan& plan,
+             const at::Tensor& x, const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
+  const int64_t bounced_from = first_bounced_row(w, rows, nnz), tile_rows = std::min(plan.tile_rows, rows);
+  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
+  if (plan.threaded_gemm) {
+    at::Tensor dense = at::empty({tile_rows, w.in_features}, x.options());
+    for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+      const int64_t r1 = std::min(rows, r0 + tile_rows);
+      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { decode_tile(kernel, w, nnz, bounced_from, b, e, b - r0, dense); });
+      gemm_tile(r0, r1, dense, x, bias, y_t);
+    }
+    return;
+  }
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::Tensor dense = at::empty({kPrefillTileRows, w.in_features}, x.options());
+    at::Tensor dense = at::empty({tile_rows, w.in_features}, x.options());
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t r0 = tile * kPrefillTileRows;
-      prefill_tile(kernel, w, nnz, bounced_from, r0, std::min(rows, r0 + kPrefillTileRows), dense, x, bias, y_t);
+      const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
+      decode_tile(kernel, w, nnz, bounced_from, r0, r1, 0, dense);
+      gemm_tile(r0, r1, dense, x, bias, y_t);
     }
   });
 }
 
+// y_t [rows padded to kAmxRows, batch padded to kAmxBatch] fp32 = W x^T on the tile unit, 32-row blocks split
+// across threads; x bf16 [batch, in] contiguous.
+at::Tensor amx(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x) {
+#if defined(__x86_64__)
+  const int64_t batch = x.size(0), in = w.in_features;
+  const int64_t k_pad = (in + kAmxK - 1) / kAmxK * kAmxK, batch_pad = (batch + kAmxBatch - 1) / kAmxBatch * kAmxBatch;
+  const int64_t blocks = (rows + kAmxRows - 1) / kAmxRows;
+  // x^T with column pairs side by side: [k_pad / 2, batch_pad] 32-bit words, each two bf16 of one batch row
+  const at::Tensor xv = at::constant_pad_nd(x, {0, k_pad - in, 0, batch_pad - batch}).view(at::kInt).t().contiguous();
+  at::Tensor y_t = at::empty({blocks * kAmxRows, batch_pad}, x.options().dtype(at::kFloat));
+  const uint16_t* xv_bits = reinterpret_cast<const uint16_t*>(xv.const_data_ptr());
+  float* y_bits = y_t.mutable_data_ptr<float>();
+  const int64_t bounced_from = first_bounced_row(w, rows, nnz);
+  const int64_t stride = (in + 63) / 64 * 64;  // whole bitmask words: decoding writes up to 64 columns at a time
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<uint16_t> buffer(kAmxRows * stride, 0);  // columns past in_features stay zero
+    std::vector<int64_t> consumed(kAmxRows);
+    auto decode_block = [&](int64_t r0, int64_t r1) {
+      std::fill(consumed.begin(), consumed.end(), 0);
+      for_rows_in_bounds(w, nnz, bounced_from, r0, r1, [&](const BitmaskMatrix& m, int64_t b, int64_t e) {
+        kernel.decode(m, b, e, 0, stride / 64, DenseTile{nullptr, buffer.data() + (b - r0) * stride, stride},
+                      consumed.data() + (b - r0));
+      });
+    };
+    amx_rows(decode_block, rows, stride, k_pad, block_begin, block_end, xv_bits, batch_pad, y_bits, buffer.data());
+  });
+  return y_t;
+#else
+  TORCH_CHECK(false, "bitmask_linear: the amx path needs x86-64");
+#endif
+}
+
 // bf16 x with bf16 values: the prefill GEMM runs in bf16 (fp32 accumulation, products exact) with the bias inside
 // it, rounding once, as the fp32 path does; anything else runs in fp32.
-bool bf16_gemm(const at::Tensor& x, const BitmaskMatrix& w, const c10::optional<at::Tensor>& bias) {
-  return x.scalar_type() == at::kBFloat16 && w.value_type == ValueType::bf16 &&
-         (!bias.has_value() || bias->scalar_type() == at::kBFloat16);
+bool bf16_gemm(at::ScalarType x, at::ScalarType values, const c10::optional<at::ScalarType>& bias) {
+  return x == at::kBFloat16 && values == at::kBFloat16 && (!bias.has_value() || *bias == at::kBFloat16);
+}
+
+// The plan for this call's key: measured (set_dispatch) or the default, and which path serves `batch`.
+enum class Path { fused, amx, tiled };
+
+struct Served {
+  Plan plan;
+  Path path;
+  bool bf16;
+};
+
+Served serve(const IsaPath& kernel, int64_t rows, int64_t in_features, int64_t nnz, at::ScalarType x,
+             at::ScalarType values, const c10::optional<at::ScalarType>& bias, int64_t batch) {
+  const bool bf16 = bf16_gemm(x, values, bias);
+  const Plan plan = dispatch_table().get(dispatch_key(kernel.name, rows, in_features, nnz, x, values),
+                                         default_plan(bf16));
+  const bool amx_fits = x == at::kBFloat16 && values == at::kBFloat16;  // the tile unit multiplies bf16 only
+  Path path = Path::tiled;
+  switch (forced_path()) {
+    case ForcedPath::fused: path = Path::fused; break;
+    case ForcedPath::amx: path = amx_fits ? Path::amx : Path::tiled; break;
+    case ForcedPath::tiled: break;
+    case ForcedPath::none:
+      path = batch <= plan.fused_max_batch ? Path::fused
+             : (batch <= plan.amx_max_batch && amx_fits) ? Path::amx : Path::tiled;
+  }
+  TORCH_CHECK(path != Path::amx || amx_usable(), "bitmask_linear: the amx path needs a CPU with amx_tile and amx_bf16 "
+              "(and a Linux kernel that grants the tile state); unset ABSORBDEPLOY_KERNEL_PATH or pick fused or tiled");
+  return Served{plan, path, bf16};
 }
 
 at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& bitmask_in,
@@ -243,22 +318,56 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_i
                         in_features, values.scalar_type() == at::kBFloat16 ? ValueType::bf16 : ValueType::fp16};
   const at::Tensor x2d = x.reshape({batch, in_features});
   at::Tensor y;
+  const Served served = serve(kernel, rows, in_features, nnz, x.scalar_type(), values.scalar_type(),
+                              bias.has_value() ? c10::optional<at::ScalarType>(bias->scalar_type()) : c10::nullopt,
+                              batch);
   if (batch == 0 || rows == 0 || in_features == 0) {
     y = at::zeros({batch, rows}, x.options().dtype(at::kFloat));
-  } else if (batch <= (bf16_gemm(x, w, bias) ? kDecodeBatchBf16 : kDecodeBatch)) {
-    const at::Tensor xf = x2d.to(at::kFloat).contiguous();
-    y = at::empty({batch, rows}, xf.options());
-    decode(kernel, w, rows, nnz, xf, y);
+  } else if (served.path == Path::amx) {
+    const at::Tensor y_t = amx(kernel, w, rows, nnz, x2d.contiguous());
+    y = y_t.narrow(0, 0, rows).narrow(1, 0, batch).t();
+  } else if (served.path == Path::fused) {
+    y = at::empty({batch, rows}, x.options().dtype(at::kFloat));
+    decode(kernel, w, rows, nnz, x2d, y);
   } else {
-    const bool bf16 = bf16_gemm(x, w, bias);
+    const bool bf16 = served.bf16;
     const at::Tensor xg = x2d.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
     at::Tensor y_t = at::empty({rows, batch}, xg.options());
-    prefill(kernel, w, rows, nnz, xg, bf16 ? bias : c10::nullopt, y_t);
+    prefill(kernel, w, rows, nnz, served.plan, xg, bf16 ? bias : c10::nullopt, y_t);
     if (bf16) return y_t.t().contiguous().view(out_shape);
     y = y_t.t();
   }
   if (bias.has_value()) y = y.add(bias->to(at::kFloat));
   return y.to(x.scalar_type()).contiguous().view(out_shape);
+}
+
+std::string served_key(int64_t rows, int64_t in_features, int64_t nnz, at::ScalarType x, at::ScalarType values) {
+  return dispatch_key(select_kernel().name, rows, in_features, nnz, x, values);
+}
+
+void set_dispatch(const std::string& key, int64_t fused_max_batch, int64_t amx_max_batch, int64_t tile_rows,
+                  bool threaded_gemm) {
+  dispatch_table().set(key, Plan{fused_max_batch, amx_max_batch, tile_rows, threaded_gemm});
+}
+
+bool amx_available() { return amx_usable(); }
+
+bool dispatch_measured(const std::string& key) { return dispatch_table().measured(key); }
+
+// What serves a call of this shape and batch: "<isa> fused", "<isa> amx" or "<isa> tiled/<tile rows> <bf16|fp32> GEMM",
+// and " (default plan)" after it when the key was never measured.
+std::string served_path(int64_t rows, int64_t in_features, int64_t nnz, at::ScalarType x, at::ScalarType values,
+                        int64_t batch) {
+  const IsaPath& kernel = select_kernel();
+  const Served s = serve(kernel, rows, in_features, nnz, x, values, c10::nullopt, batch);
+  std::string name = std::string(kernel.name);
+  if (s.path == Path::fused) name += " fused";
+  if (s.path == Path::amx) name += " amx";
+  if (s.path == Path::tiled)
+    name += " tiled/" + std::to_string(s.plan.tile_rows) + (s.plan.threaded_gemm ? " threaded" : "") +
+            (s.bf16 ? " bf16 GEMM" : " fp32 GEMM");
+  if (!dispatch_measured(served_key(rows, in_features, nnz, x, values))) name += " (default plan)";
+  return name;
 }
 
 }  // namespace
@@ -269,6 +378,14 @@ TORCH_LIBRARY(absorbdeploy, m) {
         "-> Tensor");
   m.def("kernel_paths() -> str[]", &absorbdeploy::kernel_paths);
   m.def("kernel_active_path() -> str", &absorbdeploy::kernel_active_path);
+  m.def("dispatch_key(int rows, int in_features, int nnz, ScalarType x, ScalarType values) -> str",
+        &absorbdeploy::served_key);
+  m.def("set_dispatch(str key, int fused_max_batch, int amx_max_batch, int tile_rows, bool threaded_gemm) -> ()",
+        &absorbdeploy::set_dispatch);
+  m.def("amx_available() -> bool", &absorbdeploy::amx_available);
+  m.def("dispatch_measured(str key) -> bool", &absorbdeploy::dispatch_measured);
+  m.def("served_path(int rows, int in_features, int nnz, ScalarType x, ScalarType values, int batch) -> str",
+        &absorbdeploy::served_path);
 }
 
 TORCH_LIBRARY_IMPL(absorbdeploy, CPU, m) { m.impl("bitmask_linear", &absorbdeploy::bitmask_linear_cpu); }

@@ -55,7 +55,11 @@ struct DenseTile {
 };
 
 using GemvFn = void (*)(const BitmaskMatrix&, const DecodeOutput&, int64_t row_begin, int64_t row_end);
-using DecodeFn = void (*)(const BitmaskMatrix&, int64_t row_begin, int64_t row_end, const DenseTile&);
+// Words [word_begin, word_end) (64 columns each) of rows [row_begin, row_end) written densely, word_begin at column 0
+// of the tile; consumed[i] counts the values of row row_begin + i that earlier words used (in: where the word range
+// starts in the row's values; out: advanced past it).
+using DecodeFn = void (*)(const BitmaskMatrix&, int64_t row_begin, int64_t row_end, int64_t word_begin,
+                          int64_t word_end, const DenseTile&, int64_t* consumed);
 
 // One row of the ISA table (bitmask_linear.cpp): the name ABSORBDEPLOY_KERNEL_ISA selects it by, what it needs (said
 // when it is asked for and missing), whether this CPU and torch's capability cap let it run, and its two kernels.
@@ -65,7 +69,7 @@ struct IsaPath {
   int torch_capability;  // lowest at::get_cpu_capability() it runs under: 0 DEFAULT, 1 AVX2, 2 AVX512
   bool (*cpu_has)();
   GemvFn gemv;           // y rows [row_begin, row_end) for every batch row (decode batches)
-  DecodeFn decode;       // W rows [row_begin, row_end) written densely (prefill tiles)
+  DecodeFn decode;       // a span of W's rows and words written densely (tiles of the tiled and amx paths)
   // x's lane order within 32-column blocks: position p holds column x_column(value_type, p); nullptr: natural order
   int64_t (*x_column)(ValueType, int64_t);
 };

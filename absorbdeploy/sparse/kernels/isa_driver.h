@@ -35,13 +35,17 @@ ISA_TARGET void gemv_rows(const BitmaskMatrix& w, const DecodeOutput& out, int64
 }
 
 template <ValueType VT>
-ISA_TARGET void decode_rows(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  const int64_t words = (w.in_features + 63) / 64;
+ISA_TARGET void decode_rows(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, int64_t word_begin,
+                            int64_t word_end, const DenseTile& dense, int64_t* consumed) {
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const uint16_t* v = row_values(w, r);
+    const uint16_t* const start = row_values(w, r) + consumed[r - row_begin];
+    const uint16_t* v = start;
     const int64_t row = (r - row_begin) * dense.stride;
-    for (int64_t word = 0; word < words; ++word)
-      decode_word<VT>(mask_word(w, r, word), v, dense, row + 64 * word, w.in_features - 64 * word);
+    for (int64_t word = word_begin; word < word_end; ++word) {
+      prefetch_ahead(v, row_mask(w, r) + 8 * word);
+      decode_word<VT>(mask_word(w, r, word), v, dense, row + 64 * (word - word_begin), w.in_features - 64 * word);
+    }
+    consumed[r - row_begin] += v - start;
   }
 }
 
@@ -49,6 +53,9 @@ void gemv_entry(const BitmaskMatrix& w, const DecodeOutput& out, int64_t row_beg
   with_value_type(w.value_type, [&](auto tag) { gemv_rows<decltype(tag)::value>(w, out, row_begin, row_end); });
 }
 
-void decode_entry(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, const DenseTile& dense) {
-  with_value_type(w.value_type, [&](auto tag) { decode_rows<decltype(tag)::value>(w, row_begin, row_end, dense); });
+void decode_entry(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, int64_t word_begin, int64_t word_end,
+                  const DenseTile& dense, int64_t* consumed) {
+  with_value_type(w.value_type, [&](auto tag) {
+    decode_rows<decltype(tag)::value>(w, row_begin, row_end, word_begin, word_end, dense, consumed);
+  });
 }

@@ -1,6 +1,7 @@
 """absorbdeploy::bitmask_linear against x @ W^T in fp32 from the same rounded 16-bit inputs: every ISA path this CPU
-has and the pure-torch reference, decode (batch <= 10 with bf16 x and values, else <= 16) and prefill (above), odd
-shapes and sparsities, torch.compile, path forcing, and the fallback to the reference when the build fails."""
+has and the pure-torch reference, each forced through both kernel paths (fused and tiled, ABSORBDEPLOY_KERNEL_PATH) and
+the default plan, odd shapes and sparsities, torch.compile, path forcing, and the fallback to the reference when the
+build fails."""
 
 import os
 import subprocess
@@ -16,6 +17,7 @@ from absorbdeploy.sparse import kernels
 from absorbdeploy.sparse.codec import compress_bitmask
 
 PATHS = ["avx512", "avx2", "scalar", "reference"]
+KERNEL_PATHS = ["fused", "amx", "tiled", "auto"]
 VALUE_DTYPES = [torch.bfloat16, torch.float16]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -83,8 +85,17 @@ def assert_matches(y, x, w, bias=None):
     assert float(excess.max()) <= 0, f"max error {error:.3g} over the bound, max |y| {scale:.3g}"
 
 
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request, monkeypatch):
+    """The fused, amx (bf16 x and values; the others run tiled) or tiled path at every batch, or the plan's choice."""
+    if request.param == "amx" and not (kernels.ensure_loaded() == "extension" and torch.ops.absorbdeploy.amx_available()):
+        pytest.skip("no AMX tile unit here (or no compiled kernels)")
+    monkeypatch.setenv(kernels.PATH_VARIABLE, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
-def test_shapes_sparsities_batches_and_dtypes(path, value_dtype):
+def test_shapes_sparsities_batches_and_dtypes(path, kernel_path, value_dtype):
     for k, (out, inn) in enumerate([(1, 7), (3, 13), (37, 100), (5, 129), (576, 1536)]):
         for sparsity in (0.0, 0.5, 0.99):
             w = make_weight(out, inn, sparsity, value_dtype, seed=k)
@@ -129,10 +140,13 @@ def test_three_dimensional_input(path):
 @settings(max_examples=40, deadline=None)
 @given(out=st.integers(1, 70), inn=st.integers(1, 300), sparsity=st.floats(0, 1), batch=st.integers(1, 40),
        value_dtype=st.sampled_from(VALUE_DTYPES), x_dtype=st.sampled_from(X_DTYPES), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16), choice=st.integers(0, 3))
-def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_dtype, with_bias, seed, choice):
+       seed=st.integers(0, 2**16), choice=st.integers(0, 3), forced=st.sampled_from(KERNEL_PATHS))
+def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_dtype, with_bias, seed, choice, forced):
     paths = kernels.available_paths() + ["reference"]
     path = paths[choice % len(paths)]
+    if forced == "amx" and (path == "reference" or not torch.ops.absorbdeploy.amx_available()):
+        forced = "auto"
+    os.environ[kernels.PATH_VARIABLE] = forced
     w = make_weight(out, inn, sparsity, value_dtype, seed)
     x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
     bias = torch.randn(out).to(x_dtype) if with_bias else None
@@ -142,6 +156,7 @@ def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_d
     try:
         assert_matches(run(path, x, parts, inn, bias), x, w, bias)
     finally:
+        del os.environ[kernels.PATH_VARIABLE]
         if previous is None:
             del os.environ[kernels.ISA_VARIABLE]
         else:
