@@ -22,6 +22,12 @@ def summarise(values: list[float]) -> dict:
     return {"median": statistics.median(values), "p10": _quantile(values, 0.1), "p90": _quantile(values, 0.9), "n": len(values)}
 
 
+def _rates(prompt, timing) -> tuple[float, float | None]:
+    """Prefill and decode tokens/s of one generation, every batch row counted (decode None: not timed)."""
+    decode = prompt.shape[0] * (timing.new_tokens - 1) / timing.decode_s if timing.decode_s else None
+    return prompt.numel() / timing.prefill_s, decode
+
+
 def side_by_side(dense, sparse, prompt, new_tokens: int, warmup: int, iters: int) -> dict:
     runs = {"dense": {"prefill": [], "decode": []}, "sparse": {"prefill": [], "decode": []}}
     runners = {"dense": dense, "sparse": sparse}
@@ -31,9 +37,10 @@ def side_by_side(dense, sparse, prompt, new_tokens: int, warmup: int, iters: int
             timing = runners[name].generate(prompt, new_tokens)
             if i < warmup:
                 continue
-            runs[name]["prefill"].append(prompt.numel() / timing.prefill_s)
-            if timing.decode_s:
-                runs[name]["decode"].append(prompt.shape[0] * (timing.new_tokens - 1) / timing.decode_s)
+            prefill, decode = _rates(prompt, timing)
+            runs[name]["prefill"].append(prefill)
+            if decode is not None:
+                runs[name]["decode"].append(decode)
     result = {"prompt_len": int(prompt.shape[1]), "batch": int(prompt.shape[0]), "new_tokens": new_tokens,
               "warmup": warmup, "iters": iters}
     for phase in ("prefill", "decode"):
@@ -56,9 +63,8 @@ def fastest(runners: dict, prompt, new_tokens: int, probes: int = 3) -> tuple[st
         runner.generate(prompt, new_tokens)
         rates = []
         for _ in range(probes):
-            timing = runner.generate(prompt, new_tokens)
-            rates.append(prompt.shape[0] * (timing.new_tokens - 1) / timing.decode_s if timing.decode_s
-                         else prompt.numel() / timing.prefill_s)
+            prefill, decode = _rates(prompt, runner.generate(prompt, new_tokens))
+            rates.append(prefill if decode is None else decode)
         speeds[dtype] = statistics.median(rates)
     return max(speeds, key=speeds.get), speeds
 

@@ -144,9 +144,10 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
                         runtimes[runners[name].runtime]["latency_error"] = _failure(runners[name].runtime, e)["error"]
                         progress.log(f"    {name}: latency not measured: {runtimes[runners[name].runtime]['latency_error']}")
                     finally:  # one entry's extra runners at a time: vLLM engines hold GiBs each
-                        for extra in {id(r): r for r in [*dense.values(), *sparse.values()]}.values():
-                            if extra is not runners[name] and extra is not dense_for[name][0]:
-                                extra.close()
+                        for side in (dense, sparse):
+                            for dtype, extra in side.items():
+                                if dtype != timing[name][3].dtype:
+                                    extra.close()
     finally:
         for r in [*runners.values(), *(b[0] for b in baseline_runners.values() if b is not None)]:
             r.close()
@@ -175,21 +176,21 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
 
 
 def _timing_runners(module, path, baseline, opts, runner, dtypes) -> tuple[dict, dict]:
-    """dtype -> Runner for the dense baseline and the artefact: the scoring runners in the run's dtype and, where the
-    runtime computes in the dtype asked for, one more of each per other dtype of `dtypes`, started now (the caller
-    closes them after timing; their KV cache is 1 GiB, vLLM's smallest: timing needs little)."""
+    """dtype -> Runner for the dense baseline and the artefact, one of each per dtype of `dtypes`: the scoring runners
+    for the run's dtype, new ones (the caller closes them after timing; their KV cache is 1 GiB, vLLM's smallest:
+    timing needs little) for the others where the runtime computes in the dtype asked for; a runtime that does not, or
+    no candidate at all, is timed with its scoring runners."""
     import dataclasses
 
     dense_runner, _, dense_path = baseline
-    dense, sparse = {opts.dtype: dense_runner}, {opts.dtype: runner}
-    if module.CHOOSES_DTYPE and opts.dtype not in dtypes and dtypes:  # the run's dtype is not a candidate
-        dense, sparse = {}, {}
-    if module.CHOOSES_DTYPE:
-        for dtype in dtypes:
-            if dtype != opts.dtype:
-                other = dataclasses.replace(opts, dtype=dtype, kv_cache_gib=1)
-                dense[dtype], sparse[dtype] = module.load(dense_path, other), module.load(path, other)
-    return dense, sparse
+    dense, sparse = {}, {}
+    for dtype in dtypes:
+        if dtype == opts.dtype:
+            dense[dtype], sparse[dtype] = dense_runner, runner
+        elif module.CHOOSES_DTYPE:
+            other = dataclasses.replace(opts, dtype=dtype, kv_cache_gib=1)
+            dense[dtype], sparse[dtype] = module.load(dense_path, other), module.load(path, other)
+    return (dense, sparse) if dense else ({opts.dtype: dense_runner}, {opts.dtype: runner})
 
 
 def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):

@@ -16,19 +16,24 @@ def _plain(quiet: bool = False):
 
 
 class _Clock:
-    """A perf_counter that advances by the given steps, so stage times are known exactly."""
+    """A perf_counter that returns the given readings in turn; `spans()` are the differences of consecutive pairs
+    (start, end), what a stage that read the clock at its start and end must record."""
 
     def __init__(self, *readings):
-        self.readings = list(readings)
+        self.readings, self.given = list(readings), list(readings)
 
     def perf_counter(self):
         return self.readings.pop(0)
+
+    def spans(self) -> list[float]:
+        return [end - start for start, end in zip(self.given[::2], self.given[1::2])]
 
 
 def test_stages_are_numbered_logged_and_timed(monkeypatch):
     import absorbdeploy.progress
 
-    monkeypatch.setattr(absorbdeploy.progress, "time", _Clock(10.0, 12.5, 20.0, 20.25))
+    clock = _Clock(10.0, 12.5, 20.0, 20.25)
+    monkeypatch.setattr(absorbdeploy.progress, "time", clock)
     progress, out = _plain()
     with progress.stage("load", "builtin:tiny-llama"):
         pass
@@ -38,7 +43,7 @@ def test_stages_are_numbered_logged_and_timed(monkeypatch):
     assert lines[0] == "[1/3] load       builtin:tiny-llama" and lines[2] == "[2/3] data"
     assert lines[1].strip().startswith("done in") and lines[1].strip().endswith(" s")
     assert list(progress.stages) == ["load", "data"]
-    assert progress.stages["load"]["seconds"] == 2.5 and progress.stages["data"]["seconds"] == 0.25
+    assert [stage["seconds"] for stage in progress.stages.values()] == clock.spans()  # the fake clock's, not real time
     assert progress.stages["load"]["peak_rss_mb"] > 10  # a Python process with rich and psutil loaded
 
 
@@ -72,12 +77,13 @@ def test_quiet_prints_nothing_but_still_records():
 def test_a_failing_stage_is_recorded_and_the_error_propagates(monkeypatch):
     import absorbdeploy.progress
 
-    monkeypatch.setattr(absorbdeploy.progress, "time", _Clock(3.0, 4.0))
+    clock = _Clock(3.0, 4.0)
+    monkeypatch.setattr(absorbdeploy.progress, "time", clock)
     progress, _ = _plain()
     with pytest.raises(ValueError, match="boom"):
         with progress.stage("export"):
             raise ValueError("boom")
-    assert progress.stages["export"]["seconds"] == 1.0 and progress.index == 1
+    assert [progress.stages["export"]["seconds"]] == clock.spans() and progress.index == 1
 
 
 def test_on_a_terminal_the_bar_is_shown_and_closed_when_done():
