@@ -94,7 +94,9 @@ def markdown(report: dict) -> str:
         f"evaluation {report['protocol']['eval_windows']} ({report['protocol']['eval_text']})",
         f"- dense PPL {_f(report['dense']['ppl'])}; pruned PPL {_f(report['reference']['ppl'])} "
         f"({report['reference']['what']})",
-        f"- device: {env.get('device')} ({env.get('cpu')}, {env.get('torch_threads')} torch threads); "
+        f"- device: {env.get('device')} ({env.get('cpu')}, {env.get('torch_threads')} torch threads"
+        + (f"; vLLM engines bound by VLLM_CPU_OMP_THREADS_BIND={env['vllm_cpu_omp_threads_bind']}"
+           if env.get("vllm_cpu_omp_threads_bind") else "") + "); "
         f"torch {env['packages'].get('torch')}, transformers {env['packages'].get('transformers')}",
         "",
         "## Artefacts, each reloaded in its own runtime",

@@ -52,6 +52,9 @@ class Runner:
         `largest_packed_paths`); None where the model runs no bitmask kernel."""
         return None
 
+    def ready(self) -> None:
+        """Block until the runtime can answer (an engine started in the background has finished starting)."""
+
     def close(self) -> None:
         pass
 

@@ -26,21 +26,25 @@ class Subjects:
     batch_size: int = 8  # torch forwards
 
 
-def time_pair(dense: dict, sparse: dict, vocab: int, settings, seed: int) -> dict:
-    """latency.compare_runtime on random prompts of settings.prompt_len tokens at each of settings.batches; `dense`,
-    `sparse`: dtype -> Runner. Adds the kernel path that served the sparse side's largest packed layer (where it has
-    one) at each batch, decode and prefill."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    prompts = {b: torch.randint(0, vocab, (b, settings.prompt_len), generator=generator) for b in settings.batches}
-    result = latency.compare_runtime(dense, sparse, prompts, settings.new_tokens, settings.warmup, settings.iters)
+def time_pair(dense: Runner, sparse: Runner, vocab: int, settings, seed: int) -> dict:
+    """latency.compare_runtime on random prompts of settings.prompt_len tokens at each of settings.batches. Adds the
+    kernel path that served the sparse side's largest packed layer (where it has one) at each batch, decode and
+    prefill."""
+    result = latency.compare_runtime(dense, sparse, _prompts(vocab, settings, seed), settings.new_tokens,
+                                     settings.warmup, settings.iters)
     rows = {f"{phase} b{b}": b * (settings.prompt_len if phase == "prefill" else 1)
             for b in settings.batches for phase in ("prefill", "decode")}
-    paths = sparse[result["sparse_dtype"]].kernel_paths(rows)
+    paths = sparse.kernel_paths(rows)
     if paths:
         result["kernel_paths"] = paths
     return result
+
+
+def _prompts(vocab: int, settings, seed: int) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {b: torch.randint(0, vocab, (b, settings.prompt_len), generator=generator) for b in settings.batches}
 
 
 def device_description() -> dict:
@@ -53,6 +57,9 @@ def device_description() -> dict:
     info = {"torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         info["cuda"] = torch.cuda.get_device_name(0)
+    if "absorbdeploy.vllm_runner" in sys.modules:  # vLLM binds its engine's threads itself: say to which cores
+        info["vllm_cpu_omp_threads_bind"] = os.environ.get(
+            "VLLM_CPU_OMP_THREADS_BIND", "auto (vLLM's default: one core per rank reserved for its scheduler)")
     kernels = sys.modules.get("absorbdeploy.sparse.kernels")
     if kernels is not None:  # the bitmask format ran: which kernel backend and ISA path served it
         info["bitmask_kernel"] = {"backend": kernels.ensure_loaded(), "path": kernels.active_path()}
@@ -85,7 +92,9 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
     exported with the same ones), `v` the recipe's validate section. Results are keyed as `entries` names them.
 
     Order matters: runtimes start first (a vLLM engine takes ~30 s and warms up while torch computes the reference),
-    and all timing happens after every engine is up, so no start-up competes with a timed run.
+    and timing waits until the engines it uses are up, so no start-up competes with a timed run. Timing goes one
+    engine at a time (`_time_engine`): the scoring runners of the others are closed, and an engine never holds more
+    runners than its dense baseline plus its timed artefacts (three vLLM engines, each a few GiB, not five).
     """
     import dataclasses
     import shutil
@@ -95,7 +104,7 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
     options = exporters.RuntimeOptions(v.runtime_dtype, _max_len(v))
     scored = entries(artefacts)
     runners, baseline_runners, dense_for, results = {}, {}, {}, {}
-    timing = {}  # name -> what _timing_runners needs to start that entry's runners in the other dtypes
+    timing = {}  # timed name -> its dense baseline's key (one engine: timed together, `_time_engine`)
     try:
         for name, (fmt, runtime) in scored.items():
             module, opts = exporters.get(fmt), dataclasses.replace(options, name=runtime)
@@ -108,11 +117,11 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
                     key = engine if module.SERVES_CHECKPOINT else name  # one plain-checkpoint baseline per engine
                     if key not in baseline_runners:
                         baseline = _dense_baseline(module, subjects, tokenizer, specs[fmt], workdir / key.replace(" ", "_"))
-                        baseline_runners[key] = None if baseline is None else (module.load(baseline[0], opts), baseline[1],
-                                                                               baseline[0])
+                        baseline_runners[key] = None if baseline is None else (
+                            module.load(baseline[0], opts), baseline[1], baseline[0], module, opts.name)
                     if baseline_runners[key] is not None:
                         dense_for[name] = baseline_runners[key]
-                        timing[name] = (module, artefacts[fmt].path, baseline_runners[key], opts)
+                        timing[name] = key
             except Exception as e:
                 results[name] = _failure(runtime, e)
         ref = compare.reference(subjects.reference, windows, v.compare_windows)
@@ -129,25 +138,36 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
             except Exception as e:
                 results[name] = _failure(scored[name][1], e)
         if v.latency.enabled:
+            for name in runners:  # not timed (or failed): free its memory before other engines start
+                if name not in timing or "error" in results[name]:
+                    runners[name].close()
             if subjects.pruned_model is not None:
-                batch = subjects.batch_size
-                runtimes["torch"]["latency"] = time_pair({v.runtime_dtype: TorchRunner(subjects.dense_model, batch)},
-                                                         {v.runtime_dtype: TorchRunner(subjects.pruned_model, batch)},
-                                                         subjects.vocab, v.latency, seed)
-            for name in dense_for:
-                if "error" not in results[name]:
-                    dense, sparse = _timing_runners(*timing[name], runners[name], v.latency.dtypes)
-                    try:
-                        runtimes[runners[name].runtime]["latency"] = time_pair(dense, sparse, subjects.vocab,
-                                                                               v.latency, seed)
-                    except Exception as e:  # timing is a measurement, not a gate: say why it is missing
-                        runtimes[runners[name].runtime]["latency_error"] = _failure(runners[name].runtime, e)["error"]
-                        progress.log(f"    {name}: latency not measured: {runtimes[runners[name].runtime]['latency_error']}")
-                    finally:  # one entry's extra runners at a time: vLLM engines hold GiBs each
-                        for side in (dense, sparse):
-                            for dtype, extra in side.items():
-                                if dtype != timing[name][3].dtype:
-                                    extra.close()
+                batch, rd = subjects.batch_size, v.runtime_dtype
+                live = {("dense", rd): TorchRunner(subjects.dense_model, batch),
+                        ("torch", rd): TorchRunner(subjects.pruned_model, batch)}
+                runtimes["torch"].update(_time_engine(None, ["torch"], [rd], live, subjects.vocab, v.latency, seed)["torch"])
+            for key in dict.fromkeys(timing.values()):  # one engine at a time, its scoring runners handed over
+                members = [n for n in timing if timing[n] == key and "error" not in results[n]]
+                if not members:
+                    continue
+                _, _, dense_path, module, dense_runtime = baseline_runners[key]
+                paths = {"dense": dense_path, **{n: artefacts[scored[n][0]].path for n in members}}
+                opened = {"dense": baseline_runners[key][0], **{n: runners[n] for n in members}}
+                dtypes = sorted(v.latency.dtypes, key=lambda d: d != options.dtype) if module.CHOOSES_DTYPE else [options.dtype]
+
+                def open_runner(side, dtype, module=module, paths=paths, dense_runtime=dense_runtime):
+                    """The dense baseline by the module that opened it, a member by its own format's, in `dtype`."""
+                    fmt, runtime = (None, dense_runtime) if side == "dense" else scored[side]
+                    kv = options.kv_cache_gib if dtype == options.dtype else 1  # timing needs little KV cache
+                    return (module if fmt is None else exporters.get(fmt)).load(
+                        paths[side], dataclasses.replace(options, dtype=dtype, kv_cache_gib=kv, name=runtime))
+
+                live = {(side, options.dtype): r for side, r in opened.items()}
+                timed = _time_engine(open_runner, members, dtypes, live, subjects.vocab, v.latency, seed)
+                for name, outcome in timed.items():
+                    runtimes[runners[name].runtime].update(outcome)
+                    if "latency_error" in outcome:
+                        progress.log(f"    {name}: latency not measured: {outcome['latency_error']}")
     finally:
         for r in [*runners.values(), *(b[0] for b in baseline_runners.values() if b is not None)]:
             r.close()
@@ -175,22 +195,18 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
             "entries": {name: fmt for name, (fmt, _) in scored.items()}}
 
 
-def _timing_runners(module, path, baseline, opts, runner, dtypes) -> tuple[dict, dict]:
-    """dtype -> Runner for the dense baseline and the artefact, one of each per dtype of `dtypes`: the scoring runners
-    for the run's dtype, new ones (the caller closes them after timing; their KV cache is 1 GiB, vLLM's smallest:
-    timing needs little) for the others where the runtime computes in the dtype asked for; a runtime that does not, or
-    no candidate at all, is timed with its scoring runners."""
-    import dataclasses
-
-    dense_runner, _, dense_path = baseline
-    dense, sparse = {}, {}
-    for dtype in dtypes:
-        if dtype == opts.dtype:
-            dense[dtype], sparse[dtype] = dense_runner, runner
-        elif module.CHOOSES_DTYPE:
-            other = dataclasses.replace(opts, dtype=dtype, kv_cache_gib=1)
-            dense[dtype], sparse[dtype] = module.load(dense_path, other), module.load(path, other)
-    return (dense, sparse) if dense else ({opts.dtype: dense_runner}, {opts.dtype: runner})
+def _time_engine(open_runner, members: list[str], dtypes: list[str], live: dict, vocab: int, settings, seed: int) -> dict:
+    """{member: {"latency": ...}} for each sparse member of one engine, timed against the shared dense baseline by
+    latency.time_engine (each side in its fastest of `dtypes`, at most len(members) + 1 runners open; it closes
+    `live`), or {member: {"latency_error": ...}} for all of them when timing fails: timing is a measurement, not a
+    gate."""
+    try:
+        timed = latency.time_engine(open_runner, ["dense", *members], dtypes, live,
+                                    lambda dense, sparse: time_pair(dense, sparse, vocab, settings, seed),
+                                    _prompts(vocab, settings, seed)[min(settings.batches)], settings.new_tokens)
+        return {name: {"latency": result} for name, result in timed.items()}
+    except Exception as e:
+        return {name: {"latency_error": _failure(name, e)["error"]} for name in members}
 
 
 def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):

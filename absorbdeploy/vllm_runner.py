@@ -24,7 +24,7 @@ class VllmRunner(Runner):
     def __init__(self, out_dir, dtype: str, max_model_len: int, name: str = "vllm", kv_cache_gib: int | None = None):
         self.runtime = name
         self.log = tempfile.NamedTemporaryFile(prefix="absorbdeploy-vllm-", suffix=".log", delete=False)
-        # vLLM's CPU KV cache: 1 GiB holds the 512-1024-token windows validation scores, and validation runs up to five
+        # vLLM's CPU KV cache: 1 GiB holds the 512-1024-token windows validation scores, and validation runs up to three
         # engines side by side (the user's VLLM_CPU_KVCACHE_SPACE wins)
         kv_cache = str(kv_cache_gib) if kv_cache_gib is not None else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_cache}
@@ -34,7 +34,7 @@ class VllmRunner(Runner):
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True)
         self.startup_s = None  # the engine starts in the background; the first request waits for it
 
-    def _ready(self) -> None:
+    def ready(self) -> None:
         if self.startup_s is None:
             self.startup_s = self._receive()["seconds"]
 
@@ -56,7 +56,7 @@ class VllmRunner(Runner):
         return f" (root cause: {causes[-1].strip()})" if causes else ""
 
     def _ask(self, request: dict) -> dict:
-        self._ready()
+        self.ready()
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._receive()

@@ -21,7 +21,7 @@ def measure(paths: dict, new_tokens: int, warmup: int, iters: int, batches=(1, 8
     runners = {name: VllmRunner(path, "bfloat16", 512, name=name) for name, path in paths.items()}
     try:
         for runner in runners.values():
-            runner._ready()  # engines start one after another before any timing
+            runner.ready()  # engines start one after another before any timing
         result = {name: {"engine_start_s": r.startup_s, "resident_bytes": r.resident_bytes(), "batches": {}}
                   for name, r in runners.items()}
         for batch in batches:

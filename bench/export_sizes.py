@@ -28,9 +28,7 @@ def measure(h: Harness, fmt: str, folder: Path, spec, windows) -> dict:
     artefact = module.export(h.lm.model, h.lm.tokenizer, folder / fmt, spec)
     start = time.perf_counter()
     with module.load(artefact.path, exporters.RuntimeOptions()) as runner:
-        ready = getattr(runner, "_ready", None)
-        if ready:
-            ready()
+        runner.ready()
         load_s = time.perf_counter() - start
         reference = TorchRunner(h.lm.model)
         if runner.exposes_logits:

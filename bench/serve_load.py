@@ -6,8 +6,15 @@ Per model and sparsity both servers start with the same engine settings (bf16, -
 VLLM_CPU_KVCACHE_SPACE, torch's threads), one after the other, and stay up; each concurrency level is then benchmarked
 on both, alternating which goes first, with `vllm bench serve --dataset-name random` (random prompts of --input-len
 tokens, --output-len new tokens, EOS ignored, --prompts-per-level x concurrency requests). Reported: output tokens/s,
-TTFT and TPOT p50 / p99 (ms), and sparse/dense ratios (tok/s: higher is better for sparse; TPOT: lower). A server
-that is not being benchmarked idles (its engine sleeps on its queue), so the two share the cores only at start-up.
+TTFT and TPOT p50 / p99 (ms), and sparse/dense ratios (tok/s: higher is better for sparse; TPOT: lower). TPOT at
+concurrency B is the decode step of a batch of about B sequences. A `prefill` level times a --prefill-len-token prompt
+alone (concurrency 1, one output token): its TTFT is the prefill latency a chat user waits for. The server that is not
+being benchmarked should idle; the CPU seconds it used meanwhile are recorded (`idle_cpu_s`) so that a busy-waiting
+engine would show.
+
+Threads: vLLM's CPU backend binds the engine's OpenMP threads to the cores in VLLM_CPU_OMP_THREADS_BIND; its default
+(`auto`) reserves one core per rank for the scheduler, which on a 2-core machine leaves the model ONE core. This bench
+binds the engine to every core (`0-{N-1}`) unless the variable is set, and records the value.
 
 Models and pruning come from bench/decode.py (`smollm2`, and `tinyllama`: a random Llama of TinyLlama-1.1B's shape).
 
@@ -72,6 +79,17 @@ class Server:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the API server, engine core and worker)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+    except psutil.Error:
+        return float("nan")
+
+
 def bench_serve(server: Server, concurrency: int, prompts: int, input_len: int, output_len: int) -> dict:
     """One `vllm bench serve` run against `server`; its result JSON (vLLM's keys)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -86,14 +104,20 @@ def bench_serve(server: Server, concurrency: int, prompts: int, input_len: int, 
         return json.loads((Path(folder) / "result.json").read_text())
 
 
-def measure(run: Path, levels: list[int], per_level: int, input_len: int, output_len: int) -> dict:
-    servers = {v: Server(run / v, input_len + output_len + 16) for v in VARIANTS}
+def measure(run: Path, levels: list[int], per_level: int, input_len: int, output_len: int, prefill_len: int) -> dict:
+    """Both servers up, then each level on each (alternating which goes first); `prefill` = prefill_len tokens in,
+    one out, one request at a time, 4 requests."""
+    servers = {v: Server(run / v, max(input_len + output_len, prefill_len + 1) + 16) for v in VARIANTS}
+    plan = [(str(c), c, per_level * c, input_len, output_len) for c in levels] + [("prefill", 1, 4, prefill_len, 1)]
     try:
         result = {v: {"start_s": servers[v].wait(), "levels": {}} for v in VARIANTS}
-        for i, concurrency in enumerate(levels):
+        for i, (level, concurrency, prompts, n_in, n_out) in enumerate(plan):
             for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
-                answer = bench_serve(servers[v], concurrency, per_level * concurrency, input_len, output_len)
-                result[v]["levels"][str(concurrency)] = {k: answer[k] for k in METRICS}
+                other = servers[VARIANTS[1 - VARIANTS.index(v)]].proc.pid
+                idle = cpu_seconds(other)
+                answer = bench_serve(servers[v], concurrency, prompts, n_in, n_out)
+                result[v]["levels"][level] = {**{k: answer[k] for k in METRICS}, "idle_cpu_s": cpu_seconds(other) - idle,
+                                              "duration_s": answer["duration"]}
         return result
     finally:
         for server in servers.values():
@@ -104,6 +128,12 @@ def rows(model: str, sparsity: float, result: dict) -> list[dict]:
     out = []
     for level, dense in result["vllm"]["levels"].items():
         sparse = result["bitmask"]["levels"][level]
+        if level == "prefill":
+            out.append({"model": model, "sparsity": f"{sparsity:.0%}", "concurrency": "prefill",
+                        "TTFT p50 / p99 ms dense": f"{dense['median_ttft_ms']:.0f} / {dense['p99_ttft_ms']:.0f}",
+                        "sparse": f"{sparse['median_ttft_ms']:.0f} / {sparse['p99_ttft_ms']:.0f}",
+                        "prefill ratio (dense/sparse TTFT)": f"{dense['median_ttft_ms'] / sparse['median_ttft_ms']:.2f}"})
+            continue
         out.append({"model": model, "sparsity": f"{sparsity:.0%}", "concurrency": level,
                     "dense tok/s": f"{dense['output_throughput']:.1f}", "sparse tok/s": f"{sparse['output_throughput']:.1f}",
                     "tok/s ratio": f"{sparse['output_throughput'] / dense['output_throughput']:.2f}",
@@ -119,32 +149,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="smollm2,tinyllama")
     parser.add_argument("--sparsities", default="0.5,0.7")
-    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--concurrency", default="1,4,8,16,32")
     parser.add_argument("--prompts-per-level", type=int, default=2, help="requests per level = this x concurrency")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--prefill-len", type=int, default=1024)
     parser.add_argument("--work", default="/tmp/absorbdeploy-decode-bench")
     args = parser.parse_args()
     import torch
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     folder = Path(args.work)
     folder.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = {"threads": torch.get_num_threads(), "input_len": args.input_len, "output_len": args.output_len,
-                "prompts_per_level": args.prompts_per_level, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
-                "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "vLLM's default")}
+                "prompts_per_level": args.prompts_per_level, "prefill_len": args.prefill_len, "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                "omp_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}
     cases, all_rows = [], []
     for name in args.models.split(","):
         dense = decode.prepare(name, folder)
         for sparsity in map(float, args.sparsities.split(",")):
             run = decode.prune(dense, sparsity, folder, quick=False)
-            result = measure(run, levels, args.prompts_per_level, args.input_len, args.output_len)
+            result = measure(run, levels, args.prompts_per_level, args.input_len, args.output_len, args.prefill_len)
             cases.append({"model": name, "sparsity": sparsity, **result})
             all_rows += rows(name, sparsity, result)
-            print(table(all_rows[-len(levels):], list(all_rows[0])), flush=True)
+            print(table(all_rows[-len(levels) - 1:], keys(all_rows)), flush=True)
             write("serve_load", {**settings, "load_average": list(os.getloadavg()), "cases": cases})
-    print("\n" + table(all_rows, list(all_rows[0])))
+    print("\n" + table(all_rows, keys(all_rows)))
+
+
+def keys(all_rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in all_rows for k in r))
 
 
 if __name__ == "__main__":

@@ -53,16 +53,72 @@ def test_prompt_rows_count_as_tokens_at_every_batch():
     assert result["decode_tok_s"]["sparse"]["median"] == 32.0  # 8 rows x 4 new tokens after the first, in 1 s
 
 
-def test_each_side_is_timed_in_its_fastest_dtype_at_every_batch():
+def test_every_batch_is_timed_and_the_smallest_is_also_on_top():
     log = []
-    dense = {"float32": Scripted("dense fp32", [1.0] * 9, [4.0] * 9, log),
-             "bfloat16": Scripted("dense bf16", [1.0] * 99, [2.0] * 99, log)}
-    sparse = {"float32": Scripted("sparse fp32", [1.0] * 99, [1.0] * 99, log),
-              "bfloat16": Scripted("sparse bf16", [1.0] * 9, [3.0] * 9, log)}
-    prompts = {1: torch.zeros(1, 4, dtype=torch.long), 8: torch.zeros(8, 4, dtype=torch.long)}
+    dense = Scripted("dense", [1.0] * 4, [2.0] * 4, log)
+    sparse = Scripted("sparse", [1.0] * 4, [1.0] * 4, log)
+    prompts = {8: torch.zeros(8, 4, dtype=torch.long), 1: torch.zeros(1, 4, dtype=torch.long)}
     result = latency.compare_runtime(dense, sparse, prompts, 5, warmup=0, iters=2)
-    assert result["dense_dtype"] == "bfloat16" and result["sparse_dtype"] == "float32"
-    assert result["probe_tok_s"]["dense"] == {"float32": 1.0, "bfloat16": 2.0}
     assert set(result["by_batch"]) == {"1", "8"} and result["by_batch"]["8"]["decode_tok_s"]["ratio"] == 2.0
-    assert result["decode_tok_s"] == result["by_batch"]["1"]["decode_tok_s"]
-    assert log[-8:] == ["dense bf16", "sparse fp32", "sparse fp32", "dense bf16"] * 2
+    assert result["decode_tok_s"] == result["by_batch"]["1"]["decode_tok_s"] and result["batch"] == 1
+
+
+class Engine:
+    """A runner that decodes at a fixed rate and records being opened, readied and closed in `world`."""
+
+    def __init__(self, side, dtype, rate, world):
+        self.name, self.rate, self.world, self.closed, self.readied = f"{side} {dtype}", rate, world, False, False
+        world["opened"].append(self.name)
+        world["open"] += 1
+        world["peak"] = max(world["peak"], world["open"])
+
+    def ready(self):
+        self.readied = True
+
+    def generate(self, prompt, new_tokens):
+        assert self.readied and not self.closed, self.name
+        return Timing(1.0, prompt.shape[0] * (new_tokens - 1) / self.rate, new_tokens)
+
+    def close(self):
+        if not self.closed:
+            self.closed, self.world["open"] = True, self.world["open"] - 1
+
+
+RATES = {("dense", "float32"): 1.0, ("dense", "bfloat16"): 2.0, ("a", "float32"): 3.0, ("a", "bfloat16"): 1.0,
+         ("b", "float32"): 1.0, ("b", "bfloat16"): 5.0}
+
+
+def engine_world():
+    world = {"opened": [], "open": 0, "peak": 0}
+    live = {(side, "float32"): Engine(side, "float32", RATES[side, "float32"], world) for side in ("dense", "a", "b")}
+    return world, live
+
+
+def test_each_side_runs_in_its_fastest_dtype_with_at_most_one_runner_per_side_open():
+    world, live = engine_world()
+    pairs = []
+    results = latency.time_engine(lambda side, dtype: Engine(side, dtype, RATES[side, dtype], world), ["dense", "a", "b"],
+                                  ["float32", "bfloat16"], live, lambda d, s: pairs.append((d.name, s.name)) or {"x": 1},
+                                  torch.zeros(1, 4, dtype=torch.long), 5)
+    assert pairs == [("dense bfloat16", "a float32"), ("dense bfloat16", "b bfloat16")]
+    assert results["a"]["dense_dtype"] == "bfloat16" and results["a"]["sparse_dtype"] == "float32"
+    assert results["b"]["sparse_dtype"] == "bfloat16" and results["b"]["x"] == 1
+    assert results["a"]["probe_tok_s"] == {"dense": {"float32": 1.0, "bfloat16": 2.0}, "sparse": {"float32": 3.0, "bfloat16": 1.0}}
+    assert world["peak"] == 3 and world["open"] == 0  # one dtype's engines at a time; all closed at the end
+    assert world["opened"].count("a float32") == 2  # closed for bfloat16's probe, reopened as a's fastest
+
+
+def test_one_dtype_is_not_probed_and_a_failure_closes_every_runner():
+    world, live = engine_world()
+    results = latency.time_engine(None, ["dense", "a"], ["float32"], dict(live), lambda d, s: {}, torch.zeros(1, 4, dtype=torch.long), 5)
+    assert results["a"]["probe_tok_s"] == {"dense": {}, "sparse": {}}
+    assert world["open"] == 0 and len(world["opened"]) == 3  # everything handed over is closed, nothing reopened
+
+    def broken(side, dtype):
+        raise RuntimeError("no KV cache")
+
+    world, live = engine_world()
+    with pytest.raises(RuntimeError, match="no KV cache"):
+        latency.time_engine(broken, ["dense", "a", "b"], ["float32", "bfloat16"], live, lambda d, s: {},
+                            torch.zeros(1, 4, dtype=torch.long), 5)
+    assert world["open"] == 0

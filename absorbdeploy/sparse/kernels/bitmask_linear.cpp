@@ -9,9 +9,11 @@
 // The ISA path is picked per call from kIsaTable: ABSORBDEPLOY_KERNEL_ISA = one of its names | auto (default: the best
 // one this CPU runs).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/mm.h>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -192,40 +195,64 @@ void decode_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, int
   });
 }
 
-// y^T rows [r0, r1) = the decoded tile times x^T (x already in the GEMM's dtype), the bias, when given, inside.
+// y columns [r0, r1) = x times the decoded tile transposed (x already in the GEMM's dtype), the bias, when given,
+// inside. y [batch, rows] is written in place, column slice by column slice: computing y^T and transposing it after
+// cost a second output-sized buffer and its copy (11264 x 2048 at batch 1024: 41 ms against 18 dense).
 void gemm_tile(int64_t r0, int64_t r1, const at::Tensor& dense, const at::Tensor& x,
-               const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
-  at::Tensor out = y_t.narrow(0, r0, r1 - r0);
+               const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  at::Tensor out = y.narrow(1, r0, r1 - r0);
   const at::Tensor weights = dense.narrow(0, 0, r1 - r0);
   if (bias.has_value())
-    at::addmm_out(out, bias->narrow(0, r0, r1 - r0).unsqueeze(1), weights, x.t());
+    at::addmm_out(out, bias->narrow(0, r0, r1 - r0), x, weights.t());
   else
-    at::mm_out(out, weights, x.t());
+    at::mm_out(out, x, weights.t());
 }
 
-// y^T [rows, batch] in tiles of tile_rows rows, either split across threads, each tile decoded and multiplied on its
-// own thread (threaded_gemm false), or one tile after another, decoded by all threads and multiplied by one threaded
-// GEMM (true: large tiles, where oneDNN's threaded GEMM runs near the dense one; 4096 x 11008 at batch 512 on 2
-// threads, tiles of 2048 rows: 19.7 ms against 40.5 with 512 and 22.2 dense). The plan measures which.
+// A tile buffer [rows, cols] in `options`' dtype over this thread's grow-only scratch. A fresh buffer of tens of MB
+// is mapped anew by malloc on every call and pays its page faults (46 MB: 11.8 ms, more than decoding into it); the
+// scratch keeps the largest tile this thread has decoded (freed at thread exit).
+at::Tensor scratch_tile(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  struct Freed { void operator()(void* p) const { std::free(p); } };
+  thread_local std::unique_ptr<void, Freed> buffer;
+  thread_local size_t capacity = 0;
+  const size_t bytes = (static_cast<size_t>(rows * cols) * options.dtype().itemsize() + 63) / 64 * 64;
+  if (bytes > capacity) {
+    buffer.reset();
+    buffer.reset(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(buffer, "bitmask_linear: out of memory for a ", bytes, "-byte prefill tile");
+    capacity = bytes;
+  }
+  return at::from_blob(buffer.get(), {rows, cols}, options);
+}
+
+// y [batch, rows] in tiles of tile_rows weight rows, either split across threads, each tile decoded and multiplied
+// on its own thread (threaded_gemm false), or one tile after another, decoded by all threads and multiplied by one
+// threaded GEMM (true: large tiles, where oneDNN's threaded GEMM runs near the dense one; 4096 x 11008 at 70 %, batch
+// 1024, 2 threads, Intel Xeon with AMX: tiles of 2048 rows 41.0 ms, 256 rows one per thread 45.3, dense bf16 39.9).
+// The plan measures which.
 void prefill(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const Plan& plan,
-             const at::Tensor& x, const c10::optional<at::Tensor>& bias, at::Tensor& y_t) {
+             const at::Tensor& x, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t bounced_from = first_bounced_row(w, rows, nnz), tile_rows = std::min(plan.tile_rows, rows);
   const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   if (plan.threaded_gemm) {
-    at::Tensor dense = at::empty({tile_rows, w.in_features}, x.options());
+    at::Tensor dense = scratch_tile(tile_rows, w.in_features, x.options());
     for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
       const int64_t r1 = std::min(rows, r0 + tile_rows);
       at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { decode_tile(kernel, w, nnz, bounced_from, b, e, b - r0, dense); });
-      gemm_tile(r0, r1, dense, x, bias, y_t);
+      gemm_tile(r0, r1, dense, x, bias, y);
     }
     return;
   }
+  // ATen calls on worker threads: OpenMP workers do not inherit this thread's inference mode, and an inference-mode
+  // y_t written from outside it is an error (vLLM's warm-up runs under torch.inference_mode with 2+ threads).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::Tensor dense = at::empty({tile_rows, w.in_features}, x.options());
+    const at::ThreadLocalStateGuard same_state(caller_state);
+    at::Tensor dense = scratch_tile(tile_rows, w.in_features, x.options());
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
       decode_tile(kernel, w, nnz, bounced_from, r0, r1, 0, dense);
-      gemm_tile(r0, r1, dense, x, bias, y_t);
+      gemm_tile(r0, r1, dense, x, bias, y);
     }
   });
 }
@@ -332,10 +359,9 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_i
   } else {
     const bool bf16 = served.bf16;
     const at::Tensor xg = x2d.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
-    at::Tensor y_t = at::empty({rows, batch}, xg.options());
-    prefill(kernel, w, rows, nnz, served.plan, xg, bf16 ? bias : c10::nullopt, y_t);
-    if (bf16) return y_t.t().contiguous().view(out_shape);
-    y = y_t.t();
+    y = at::empty({batch, rows}, xg.options());
+    prefill(kernel, w, rows, nnz, served.plan, xg, bf16 ? bias : c10::nullopt, y);
+    if (bf16) return y.view(out_shape);
   }
   if (bias.has_value()) y = y.add(bias->to(at::kFloat));
   return y.to(x.scalar_type()).contiguous().view(out_shape);

@@ -3,10 +3,11 @@
 A key is the ISA path, the matrix shape, its density (10 % steps), x's and the values' dtypes and torch's thread count
 (`torch.ops.absorbdeploy.dispatch_key`). For a key never seen, `ensure_planned` times the paths on the layer's own
 packed weights, in their order fused -> amx (bf16 x and values on CPUs with AMX) -> tiled: first the tiling of the
-tiled path (the fastest of TILINGS at TILE_BATCH rows of x: tile height, and whether tiles go one per thread or one
+tiled path (the fastest of TILINGS at TILE_BATCHES rows of x: tile height, and whether tiles go one per thread or one
 after another with a threaded GEMM), then the batch sizes of BATCHES in turn. A path
-leaves the race once a later one has beaten it at two batch sizes in a row; its threshold is the last batch it won.
-The plan is written to `<kernel cache>/<build key>/dispatch.json` (beside the library it was measured with; an
+leaves the race once a later one has beaten it at two batch sizes in a row; its threshold is the last batch it won
+(above the largest batch timed, tiled serves).
+The plan is written to `<kernel cache>/<build key>/dispatch-v<PLAN_VERSION>.json` (beside the library it was measured with; an
 exclusive lock, an atomic rename) and read back by every later process, so a model pays the measurement once per
 machine: a few seconds for a 4096 x 11008 matrix on 2 threads, a fraction of one for SmolLM2's.
 """
@@ -25,16 +26,21 @@ from absorbdeploy.sparse.kernels import build
 PATH_VARIABLE = "ABSORBDEPLOY_KERNEL_PATH"
 TILINGS = ((32, False), (64, False), (128, False), (256, False), (512, False), (512, True), (1024, True), (2048, True))
 TILE_ROWS = tuple(sorted({rows for rows, _ in TILINGS}))
-TILE_BATCH = 512
-BATCHES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+TILE_BATCHES = (512, 1024)  # the tiling race: the least time per row summed over these (small tiles repack x once per
+# tile, which shows at 1,024 rows; one tiling measured at 512 alone or 1,024 alone lost up to 0.3x at the other)
+BATCHES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 NEVER = 1 << 40  # a fused_max_batch no call reaches
 SECONDS_PER_VARIANT = 0.03
 _lock = threading.Lock()
 _loaded: set[Path] = set()
 
 
+PLAN_VERSION = 2  # bumped when the measuring changes (2: batches to 1,024, no extrapolation, tiling at 512 + 1,024 rows)
+
+
 def cache_file() -> Path:
-    return build.cache_root() / build.build_key() / "dispatch.json"
+    """Plans measured by this version of the race, beside the library they timed: an older race's plans are not read."""
+    return build.cache_root() / build.build_key() / f"dispatch-v{PLAN_VERSION}.json"
 
 
 def _read(path: Path) -> dict:
@@ -105,7 +111,7 @@ def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype
     # a tile taller than the matrix is the whole matrix: the smallest such height stands for all of them
     whole = min((t for t in TILE_ROWS if t >= rows), default=None)
     tilings = [(t, threaded) for t, threaded in TILINGS if t < rows or t == whole]
-    tile = min(tilings or [TILINGS[0]], key=lambda tiling: timed(TILE_BATCH, "tiled", tiling))
+    tile = min(tilings or [TILINGS[0]], key=lambda tiling: sum(timed(b, "tiled", tiling) / b for b in TILE_BATCHES))
     racing = ["fused", *(["amx"] if x_dtype == values.dtype == torch.bfloat16 and op.amx_available() else []), "tiled"]
     last_win, losses, timings = {"fused": 1, "amx": 0}, {"fused": 0, "amx": 0}, {}
     for batch in BATCHES:
@@ -120,9 +126,9 @@ def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype
                 losses[path] += 1
         racing = [p for p in racing if p == "tiled" or losses[p] < 2]
     fused_max = last_win["fused"]
+    # a path serves up to the last batch it won, never beyond what was timed: amx re-reads all of x for every block of
+    # 32 rows, so it falls behind past the batches where x fits L2 (11264 x 2048 at 70 %, batch 1024: 94 ms, tiled 45)
     amx_max = max(last_win["amx"], fused_max) if last_win["amx"] else 0
-    if "amx" in racing:  # still winning at the largest batch timed: it serves every batch above
-        amx_max = NEVER
     op.set_dispatch(key, fused_max, amx_max, *tile)
     return {"fused_max_batch": fused_max, "amx_max_batch": amx_max, "tile_rows": tile[0], "threaded_gemm": tile[1],
             "seconds": round(time.perf_counter() - start, 3),

@@ -130,6 +130,23 @@ def test_row_patterns(path, value_dtype):
             assert_matches(run(path, x, parts, weight.shape[1]), x, weight)
 
 
+def test_every_path_under_inference_mode_on_two_threads(kernel_path):
+    """vLLM warms up and serves under torch.inference_mode, with 2+ threads when its engine is bound to 2+ cores:
+    tensors made there are inference tensors, and ATen calls on OpenMP worker threads (which do not inherit the mode)
+    must not write them (`vllm serve` of a bitmask model on 2 cores failed at start-up this way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        w = make_weight(1536, 576, 0.5, torch.bfloat16)
+        with torch.inference_mode():
+            parts = compress_bitmask(w)
+            for x_dtype in (torch.float32, torch.bfloat16):
+                x, bias = torch.randn(600, 576).to(x_dtype), torch.randn(1536).to(x_dtype)
+                assert_matches(run("compiled", x, parts, 576, bias), x, w, bias)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_three_dimensional_input(path):
     w = make_weight(33, 70, 0.6, torch.bfloat16)
     parts = compress_bitmask(w)
