@@ -44,6 +44,33 @@ def reference(runner: Runner, windows, compare_windows: int) -> Reference:
     return Reference(scores.target_logprobs, scores.top1, logits, None if bad else perplexity(scores.target_logprobs), bad)
 
 
+def quantized_reference(model, prunable, values: str, store_dtype, runner, windows, compare_windows: int) -> Reference:
+    """The reference of an artefact whose packed values are quantized (`values`, e.g. "int8"): `model`'s prunable
+    weights (state-dict names) replaced in place by what the artefact stores, decoded (codec.quantize_values, q *
+    scale), scored by `runner` (which runs `model`), then restored. The equivalence gates then test the export and its
+    kernel, and the quantization's own cost is the PPL ratio against the unquantized reference. Saved copies are kept
+    in `store_dtype` (torch dtype name), the export dtype the weights were rounded to, so restoring is exact."""
+    import torch
+
+    from absorbdeploy.sparse.codec import quantize_values
+
+    if values != "int8":
+        raise ValueError(f"no quantized reference for {values!r} values")
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name in prunable:
+                weight = model.get_parameter(name)
+                saved[name] = weight.detach().to("cpu", getattr(torch, store_dtype), copy=True)
+                q, scales = quantize_values(weight.detach())
+                weight.copy_((q.float() * scales.unsqueeze(1)).to(weight.device, weight.dtype))
+        return reference(runner, windows, compare_windows)
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                model.get_parameter(name).copy_(original)
+
+
 def compare(runner: Runner, ref: Reference, windows) -> dict:
     """Scores of `runner` on `windows` against the reference."""
     start = time.perf_counter()
@@ -89,6 +116,8 @@ def gate_verdicts(gates, artefacts: dict) -> list[dict]:
             ("max_ppl_ratio", result.get("ppl_ratio"), gates.max_ppl_ratio, lambda v, lim: v <= lim),
             ("max_abs_logit_diff", checked_diff(result), gates.max_abs_logit_diff, lambda v, lim: v <= lim),
             ("min_top1_agreement", result.get("top1_agreement"), gates.min_top1_agreement, lambda v, lim: v >= lim),
+            ("max_quantization_ppl_ratio", result.get("quantization_ppl_ratio"),
+             getattr(gates, "max_quantization_ppl_ratio", None), lambda v, lim: v <= lim),
         ]
         for gate, value, limit, ok in checks:
             if limit is None or value is None:

@@ -127,11 +127,12 @@ def base_config(model, dtype: str) -> dict:
 
 
 def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, config: dict, stem: str = "model",
-                 always_index: bool = False) -> None:
+                 always_index: bool = False, values: str | None = None) -> None:
     """Shards of the state dict in spec.dtype with every prunable weight replaced by its bitmask parts (sparse/codec.py;
-    a module's parts stay in one shard), named as ShardWriter(stem, always_index) names them, then config.json, the
-    generation config and the tokenizer. In streaming mode the tensors come shard by shard from the finished
-    checkpoint (spec.checkpoint)."""
+    values in spec.dtype, or in `values`: "bfloat16", "float16", "int8" with per-channel scales quantized from the
+    exported weights; a module's parts stay in one shard), named as ShardWriter(stem, always_index) names them, then
+    config.json, the generation config and the tokenizer. In streaming mode the tensors come shard by shard from the
+    finished checkpoint (spec.checkpoint)."""
     import torch
 
     from absorbdeploy.sparse.codec import PackedFormatError, encode
@@ -147,7 +148,7 @@ def write_packed(model, tokenizer, out: Path, spec: ExportSpec, layout: str, con
     for name, t in source:
         if name in prunable:
             try:
-                parts = encode(t, layout)
+                parts = encode(t, layout, values)
             except PackedFormatError as e:  # a tensor the layout cannot hold (2:4 asked of a tensor that is not)
                 raise UserError(str(e)) from None
             writer.add({f"{name[: -len('.weight')]}.{k}": v for k, v in parts.items()}, group=True)
@@ -163,14 +164,15 @@ def decoded_shards(out_dir, layout: str):
     """Every stored tensor of a packed export, bitmask modules decoded to dense, one shard at a time."""
     from safetensors.torch import load_file
 
-    from absorbdeploy.sparse.codec import PARTS, decode
+    from absorbdeploy.sparse.codec import PARTS, SCALE_PART, decode
 
     for file in sorted(Path(out_dir).glob("*.safetensors")):
         raw = load_file(str(file))
         modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in PARTS}}
+        every = (*PARTS, SCALE_PART)
+        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in every}}
         for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in PARTS if f"{m}.{p}" in raw}, layout)
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in every if f"{m}.{p}" in raw}, layout)
         yield decoded
 
 

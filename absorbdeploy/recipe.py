@@ -108,6 +108,8 @@ class Export:
     formats: tuple[str, ...] | None = None  # None = every format whose runtime is installed
     dtype: str = "auto"  # auto: the source's 16-bit dtype (float16 stays float16), bfloat16 for float32 sources
     max_shard_size: str = "5GB"
+    # values of the bitmask format's packed weights: auto = the export dtype; int8 = symmetric per-channel scales
+    values: str = "auto"
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
 
 
@@ -128,6 +130,8 @@ class Gates:
     max_ppl_ratio: float | None = None
     max_abs_logit_diff: float | None = 1.0e-3
     min_top1_agreement: float | None = 0.99
+    # an artefact with quantized (int8) values: its PPL over the unquantized pruned model's
+    max_quantization_ppl_ratio: float | None = 1.02
 
 
 @dataclass(frozen=True)

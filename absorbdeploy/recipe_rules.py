@@ -20,6 +20,7 @@ from absorbdeploy.prune import PRUNERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_DTYPES = ("auto",) + DTYPES
+VALUES = ("auto", "bf16", "fp16", "int8")  # export.values: the bitmask format's packed values
 DEFAULT_SPARSITY, DEFAULT_SEQLEN, DEFAULT_PROBE_SAMPLES, DEFAULT_MIN, DEFAULT_MAX = 0.5, 512, 4, 0.05, 0.95
 
 
@@ -158,6 +159,7 @@ def check_settled(r) -> None:
     if e.formats is not None and len(set(e.formats)) != len(e.formats):
         raise UserError(f"export.formats lists a format twice: {list(e.formats)}")
     _choice("export.dtype", e.dtype, EXPORT_DTYPES)
+    _choice("export.values", e.values, VALUES)  # the bitmask format's; the others store export.dtype
     _choice("export.onnx.dtype", e.onnx.dtype, ("float32", "float16"))
     _choice("export.onnx.sparse", e.onnx.sparse, ("auto", "always", "never"))
     if not 18 <= e.onnx.opset <= 23:
@@ -189,6 +191,9 @@ def check_settled(r) -> None:
         raise UserError(f"validate.gates.max_abs_logit_diff must be >= 0 or null, got {g.max_abs_logit_diff}")
     if g.min_top1_agreement is not None and not 0 <= g.min_top1_agreement <= 1:
         raise UserError(f"validate.gates.min_top1_agreement must be in [0, 1] or null, got {g.min_top1_agreement}")
+    if g.max_quantization_ppl_ratio is not None and not g.max_quantization_ppl_ratio > 0:
+        raise UserError(f"validate.gates.max_quantization_ppl_ratio must be > 0 or null, got "
+                        f"{g.max_quantization_ppl_ratio}")
     _choice("streaming.mode", r.streaming.mode, ("auto", "on", "off"))
     if r.streaming.memory_budget_gb is not None and not r.streaming.memory_budget_gb > 0:
         raise UserError(f"streaming.memory_budget_gb must be > 0 or null, got {r.streaming.memory_budget_gb}")

@@ -129,12 +129,24 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
         dense_ppl, dense_bad = compare.finite_perplexity(dense_lp), compare.nonfinite(dense_lp)
         runtimes = {"torch": {"dense_ppl": dense_ppl, "sparse_ppl": ref.ppl, "ppl_ratio": compare.ratio(ref.ppl, dense_ppl)}}
         progress.log(f"    torch: dense PPL {compare.show(dense_ppl)}, pruned PPL {compare.show(ref.ppl)}")
+        quantized_refs = {}  # values dtype -> the pruned model's reference with those values, decoded
         for name, (fmt, _) in scored.items():
             if name in results:
                 continue
             try:
+                values = getattr(exporters.get(fmt), "quantized_values", lambda spec: None)(specs[fmt])
+                if values and subjects.pruned_model is not None and values not in quantized_refs:
+                    quantized_refs[values] = compare.quantized_reference(
+                        subjects.pruned_model, specs[fmt].prunable, values, specs[fmt].dtype, subjects.reference,
+                        windows, v.compare_windows)
                 results[name] = _score_artefact(exporters.get(fmt), runners.get(name), artefacts[fmt].path, subjects,
-                                                ref, windows, dense_ppl, dense_for.get(name), runtimes)
+                                                quantized_refs.get(values, ref), windows, dense_ppl,
+                                                dense_for.get(name), runtimes, values and (values, specs[fmt].prunable))
+                if values:  # streaming compares tensors only: a quantized model's PPL is then not measured
+                    ppl = results[name]["ppl"] if name in runners else None
+                    results[name].update(values=values, unquantized_ppl=ref.ppl, ppl=ppl,
+                                         ppl_ratio=compare.ratio(ppl, results[name]["dense_ppl"]),
+                                         quantization_ppl_ratio=compare.ratio(ppl, ref.ppl))
             except Exception as e:
                 results[name] = _failure(scored[name][1], e)
         if v.latency.enabled:
@@ -226,25 +238,31 @@ def _dense_baseline(module, subjects: Subjects, tokenizer, spec, folder):
     return None
 
 
-def tensors_match(shards, checkpoint) -> bool:
+def tensors_match(shards, checkpoint, quantized=None) -> bool:
     """Every tensor of `shards` (a format's `tensors`) bit-identical to the HF checkpoint's, and none missing; one
-    shard in memory at a time."""
+    shard in memory at a time. `quantized` = (values, prunable names): those tensors are compared with the checkpoint's
+    quantized and decoded (codec.quantize_values), as the format stores them."""
     import torch
 
     from absorbdeploy.checkpoint import ShardIndex
+    from absorbdeploy.sparse.codec import quantize_values
 
     index, seen = ShardIndex(Path(checkpoint)), 0
     for shard in shards:
         reference = index.read(list(shard))
+        for name in set(quantized[1] if quantized else ()) & set(reference):
+            q, scales = quantize_values(reference[name])
+            reference[name] = q.float() * scales.unsqueeze(1)
         if any(not torch.equal(shard[k], reference[k]) for k in shard):
             return False
         seen += len(shard)
     return seen == len(index.map)
 
 
-def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dense_ppl, dense, runtimes) -> dict:
+def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dense_ppl, dense, runtimes,
+                    quantized=None) -> dict:
     if runner is None:  # streaming: the stored tensors are compared with the pruned checkpoint, tensor by tensor
-        exact = tensors_match(module.tensors(path), subjects.pruned_checkpoint)
+        exact = tensors_match(module.tensors(path), subjects.pruned_checkpoint, quantized)
         name = Path(subjects.pruned_checkpoint).name
         result = {"runtime": f"decoder (tensors vs {name}/)", "ppl": ref.ppl, "top1_agreement": 1.0 if exact else 0.0,
                   "max_abs_logprob_diff": 0.0 if exact else float("inf"), "max_abs_logit_diff": 0.0 if exact else float("inf"),
@@ -252,7 +270,9 @@ def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dens
     else:
         result = {"runtime": runner.runtime, **compare.compare(runner, ref, windows),
                   "resident_weight_bytes": runner.resident_weight_bytes()}
-    result["audit"] = module.describe(path)["audit"]
+    described = module.describe(path)
+    result["audit"] = described["audit"]
+    result.update({k: described[k] for k in ("values", "linear_bytes_per_weight") if k in described})
     result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
     if dense is not None:
         dense_lp = dense[0].score(windows).target_logprobs

@@ -81,10 +81,11 @@ def prune(dense: Path, sparsity: float, folder: Path, quick: bool) -> Path:
     return out
 
 
-def run_cli(dense: Path, sparsity: float, out: Path, quick: bool) -> None:
+def run_cli(dense: Path, sparsity: float, out: Path, quick: bool, extra: tuple[str, ...] = ()) -> None:
+    """Uniform Wanda at `sparsity` through the CLI, the bitmask format only; `extra`: more --set assignments."""
     calibration = ["calibration.nsamples=8", "calibration.seqlen=256"] if quick or "tinyllama" in dense.name else []
     sets = ["prune.method=wanda", f"prune.sparsity={sparsity}", "allocation.method=uniform", "absorption.enabled=false",
-            "validate.latency.enabled=false", "validate.eval_windows=2", "validate.seqlen=256", *calibration]
+            "validate.latency.enabled=false", "validate.eval_windows=2", "validate.seqlen=256", *calibration, *extra]
     args = [sys.executable, "-m", "absorbdeploy", "prune-and-export", str(dense), "--formats", "bitmask", "--out", str(out),
             "--overwrite", "--quiet", *[a for s in sets for a in ("--set", s)]]
     start = time.perf_counter()

@@ -1,9 +1,11 @@
 """The bitmask sparse kernel against dense torch and torch CSR, side by side in one process, with a bandwidth floor.
 
 For each weight shape (out x in), sparsity and batch: `F.linear` in fp32, bf16 and fp16 (the best of the three is
-"best dense"), torch's CSR matmul in fp32 (up to batch CSR_MAX_BATCH), and `absorbdeploy::bitmask_linear` with bf16
-values and fp32 or bf16 x (the better is compared with the best dense), each on the path its measured plan picks
-(kernels/tune.py, planned before timing; the "path" column names it for bf16 x). Each is timed
+"best dense"), dense W8A8 (`torch._int_mm`, oneDNN's int8 GEMM, on int8 weights with x quantized per token in the
+call, the int32 result scaled back: what a user who quantizes instead of pruning runs), torch's CSR matmul in fp32 (up
+to batch CSR_MAX_BATCH), and `absorbdeploy::bitmask_linear` with bf16 values and with int8 values (W8A16, per-channel
+scales), each with fp32 or bf16 x (the better is compared with the best dense and with W8A8), each on the path its
+measured plan picks (kernels/tune.py, planned before timing; the "path" column names it for bf16 x). Each is timed
 as the median of many calls, interleaved call by call so drift hits every variant alike; GB/s counts the bytes each
 reads once (kernel: values + bitmask + row_offsets + x). Each variant cycles through copies of its weights filling
 twice the last-level cache, so weights come from memory as a model's layers do, while code and x stay cached (a cache
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from absorbdeploy.sparse import kernels
-from absorbdeploy.sparse.codec import compress_bitmask
+from absorbdeploy.sparse.codec import SCALE_PART, compress_bitmask, encode, quantize_values
 
 from .common import table, write
 
@@ -120,8 +122,8 @@ class Cycling:
 
     def __init__(self, fn, weights: tuple, weight_bytes: int, cache_bytes: int):
         copies = max(1, -(-2 * cache_bytes // weight_bytes))
-        self.fn, self.next = fn, 0
-        self.copies = [weights] + [tuple(t.clone() for t in weights) for _ in range(copies - 1)]
+        self.fn, self.next, self.bytes = fn, 0, weight_bytes
+        self.copies = [weights] + [tuple(t if t is None else t.clone() for t in weights) for _ in range(copies - 1)]
 
     def __call__(self):
         self.next = (self.next + 1) % len(self.copies)
@@ -142,15 +144,25 @@ def variants(w: torch.Tensor, x: torch.Tensor, cache_bytes: int) -> dict:
     csr_bytes = nbytes(csr.values(), csr.col_indices(), csr.crow_indices())
     if x.shape[0] <= CSR_MAX_BATCH:
         out["torch CSR fp32"] = (Cycling(lambda c: c @ x_t, (csr,), csr_bytes, cache_bytes), csr_bytes + nbytes(x_t))
-    parts = compress_bitmask(w)
-    packed = (parts["compressed"], parts["bitmask"], parts["row_offsets"])
-    for dtype in (torch.float32, torch.bfloat16):
-        kernels.ensure_planned(*packed, w.shape[1], dtype)
-    for name, xk in (("kernel", x), ("kernel bf16 x", x.bfloat16())):  # bf16 x: batches > 10 take the bf16 GEMM path
-        call = Cycling(lambda v, m, o, xk=xk: kernels.bitmask_linear(xk, v, m, o, w.shape[1]), packed, nbytes(*packed),
-                       cache_bytes)
-        out[name] = (call, nbytes(*packed, xk))
+    q, scales = quantize_values(w)
+    out["dense W8A8"] = (Cycling(lambda qt, s: w8a8(x.bfloat16(), qt, s), (q.T.contiguous(), scales), nbytes(q, scales),
+                                 cache_bytes), nbytes(q, scales, x.bfloat16()))
+    for values, parts in (("", compress_bitmask(w)), (" int8", encode(w, "sparse-bitmask", "int8"))):
+        packed = (parts["compressed"], parts["bitmask"], parts["row_offsets"], parts.get(SCALE_PART))
+        for dtype in (torch.float32, torch.bfloat16):
+            kernels.ensure_planned(*packed[:3], w.shape[1], dtype, packed[3])
+        for name, xk in (("kernel", x), ("kernel bf16 x", x.bfloat16())):  # bf16 x: large batches take the bf16 GEMM
+            call = Cycling(lambda v, m, o, s, xk=xk: kernels.bitmask_linear(xk, v, m, o, w.shape[1], None, s), packed,
+                           nbytes(*packed[:3]) + (nbytes(packed[3]) if packed[3] is not None else 0), cache_bytes)
+            out[name.replace("kernel", "kernel" + values)] = (call, call.bytes + nbytes(xk))
     return out
+
+
+def w8a8(x, q_t, scales):
+    """y = x W^T with W = q * scales (int8 per channel) and x quantized per token (symmetric int8), as W8A8 does."""
+    x_scale = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    x_q = torch.round(x.float() / x_scale).to(torch.int8)
+    return (torch._int_mm(x_q, q_t).float() * x_scale * scales).to(x.dtype)
 
 
 def timed_rounds(calls: dict, rounds: int) -> dict:
@@ -186,14 +198,17 @@ def measure(w: torch.Tensor, batch: int, cache_bytes: int) -> dict:
                      "gbps": calls[name][1] / medians[name] / 1e9} for name in calls}
     nnz = int((w != 0).sum())
     path = {str(dt)[6:]: kernels.served_path(*w.shape, nnz, dt, torch.bfloat16, batch) for dt in (torch.float32, torch.bfloat16)}
+    path["int8"] = kernels.served_path(*w.shape, nnz, torch.bfloat16, torch.int8, batch)
     return {**result, "other_cpu_share": load.share(), "kernel_path": path}
 
 
 def row(shape, sparsity, batch, result, floor_gbps) -> dict:
-    dense = {k: v["seconds"] for k, v in result.items() if k.startswith("dense")}
+    dense = {k: v["seconds"] for k, v in result.items() if k.startswith("dense") and k != "dense W8A8"}
     other = result["other_cpu_share"]
     best = min(dense, key=dense.get)
     kernel = min((result["kernel"], result["kernel bf16 x"]), key=lambda k: k["seconds"])
+    int8 = min((result["kernel int8"], result["kernel int8 bf16 x"]), key=lambda k: k["seconds"])
+    w8a8_s = result["dense W8A8"]["seconds"]
     return {"out x in": f"{shape[0]}x{shape[1]}", "sparsity": f"{sparsity:.0%}", "batch": batch,
             **{f"{k} ms": f"{v * 1e3:.3f}" for k, v in dense.items()},
             "CSR ms": f"{result['torch CSR fp32']['seconds'] * 1e3:.3f}" if "torch CSR fp32" in result else "–",
@@ -202,6 +217,10 @@ def row(shape, sparsity, batch, result, floor_gbps) -> dict:
             "kernel GB/s": f"{kernel['gbps']:.1f}", "% floor": f"{kernel['gbps'] / floor_gbps:.0%}",
             "best dense": best[6:], "x best dense": f"{dense[best] / kernel['seconds']:.2f}",
             "x CSR": f"{result['torch CSR fp32']['seconds'] / kernel['seconds']:.2f}" if "torch CSR fp32" in result else "–",
+            "W8A8 ms": f"{w8a8_s * 1e3:.3f}", "int8 values ms": f"{int8['seconds'] * 1e3:.3f}",
+            "int8 path (bf16 x)": result["kernel_path"]["int8"].split(" (")[0],
+            "int8 x best dense": f"{dense[best] / int8['seconds']:.2f}",
+            "int8 x W8A8": f"{w8a8_s / int8['seconds']:.2f}",
             "other load": "?" if other is None else f"{other:.0%}"}
 
 
@@ -213,7 +232,7 @@ def targets(results: list[dict], floor_gbps: float) -> list[dict]:
         if not found:
             continue
         m = found[0]["measured"]
-        best = min(v["seconds"] for k, v in m.items() if k.startswith("dense"))
+        best = min(v["seconds"] for k, v in m.items() if k.startswith("dense") and k != "dense W8A8")
         kernel = min((m["kernel"], m["kernel bf16 x"]), key=lambda k: k["seconds"])
         check = {"sparsity": sparsity, "speedup": best / kernel["seconds"], "speedup_target": speedup}
         check["met"] = check["speedup"] >= speedup

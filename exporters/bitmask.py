@@ -1,5 +1,6 @@
 """Format `bitmask`: the served-sparse artefact. Pruned Linears hold only their non-zeros and a bitmask, and run on
-absorbdeploy's CPU kernel when loaded the standard way.
+absorbdeploy's CPU kernel when loaded the standard way. The values are the export dtype's (bf16/fp16), or int8 with
+one fp32 scale per output channel (`export.values: int8`; codec.quantize_values, W8A16 in the kernel).
 
 On disk: the sparse-bitmask layout of sparse/codec.py (`<m>.compressed`, `<m>.bitmask`, `<m>.row_offsets`, `<m>.shape` per
 pruned Linear; everything else dense) in `bitmask-XXXXX-of-YYYYY.safetensors` shards named by
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from absorbdeploy.export_files import base_config, decoded_shards, describe_export, list_files, write_packed, write_sidecar
 from absorbdeploy.exporters import Artifact, ExportSpec, Runtime, RuntimeOptions, open_in
-from absorbdeploy.sparse.codec import WEIGHTS_STEM, FormatConfig, model_type_for
+from absorbdeploy.sparse.codec import QUANTIZED_VALUES, WEIGHTS_STEM, FormatConfig, model_type_for
 
 FORMAT = "bitmask"
 RUNTIMES = {"torch + bitmask kernel": Runtime("torch", (), lambda out_dir, runtime: _open_torch(out_dir, runtime)),
@@ -35,11 +36,27 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     config = base_config(model, spec.dtype)
     config["model_type"] = model_type_for(config["model_type"])
     targets = tuple(n[: -len(".weight")] for n in spec.prunable)
-    config["quantization_config"] = FormatConfig(targets, LAYOUT, spec.dtype).to_dict()
-    write_packed(model, tokenizer, out, spec, LAYOUT, config, stem=WEIGHTS_STEM, always_index=True)
+    values = values_dtype(spec)
+    config["quantization_config"] = FormatConfig(targets, LAYOUT, values).to_dict()
+    write_packed(model, tokenizer, out, spec, LAYOUT, config, stem=WEIGHTS_STEM, always_index=True, values=values)
     write_sidecar(out, spec, FORMAT)
     notes = ["load with `import absorbdeploy` + AutoModelForCausalLM.from_pretrained, or serve with vLLM + the plugin"]
     return Artifact(FORMAT, str(out), list_files(out), time.perf_counter() - start, notes)
+
+
+VALUES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}  # export.values -> values dtype
+
+
+def values_dtype(spec: ExportSpec) -> str:
+    """The packed values' dtype: export.values, or the export dtype for auto."""
+    return VALUES[spec.values] or spec.dtype
+
+
+def quantized_values(spec: ExportSpec) -> str | None:
+    """"int8" when the packed values are quantized (validation compares them with the int8-dequantized pruned model),
+    else None."""
+    values = values_dtype(spec)
+    return values if values in QUANTIZED_VALUES else None
 
 
 def tensors(out_dir):
@@ -47,8 +64,18 @@ def tensors(out_dir):
 
 
 def describe(out_dir) -> dict:
+    """describe_export's summary plus the packed values' dtype and the packed Linears' bytes on disk per weight (values,
+    bitmask, row offsets, shape and scales over the weights they hold: 2 for dense bf16)."""
+    from absorbdeploy.checkpoint import check_index
+
     config = json.loads((Path(out_dir) / "config.json").read_text())
-    return describe_export(out_dir, tensors(out_dir), model_type=config.get("model_type"))
+    described = describe_export(out_dir, tensors(out_dir), model_type=config.get("model_type"))
+    targets = set(config["quantization_config"]["targets"])
+    packed = sum(info["data_offsets"][1] - info["data_offsets"][0] for header in check_index(Path(out_dir)).values()
+                 for key, info in header.items() if key != "__metadata__" and key.rpartition(".")[0] in targets)
+    weights = described["audit"]["weights"]
+    return {**described, "values": config["quantization_config"]["values_dtype"],
+            "linear_bytes_per_weight": packed / weights if weights else None}
 
 
 def load(out_dir, runtime: RuntimeOptions):

@@ -12,7 +12,8 @@ not 2:4 rather than silently re-pruning it.
 
 The served-sparse `bitmask/` export stores the sparse-bitmask parts under `<module>.<part>` and describes them in
 config.json: model_type `absorbdeploy_<base>` and a `quantization_config` (`FormatConfig`) that both runtime doors
-(transformers: hf.py, vLLM: vllm.py) read the same way.
+(transformers: hf.py, vLLM: vllm.py) read the same way. Its values are bf16/fp16, or int8 with one fp32 scale per output
+channel (`weight_scale` [out], symmetric, from the kept weights only: `quantize_values`), W[r] = weight_scale[r] * q[r].
 """
 
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ from dataclasses import dataclass, field
 # The tensors of one packed module, by suffix, and their dtypes (None: the values dtype, one of VALUES_DTYPES).
 PART_DTYPES = {"shape": "int64", "compressed": None, "bitmask": "uint8", "row_offsets": "int64"}
 PARTS = tuple(PART_DTYPES)
+SCALE_PART, SCALE_DTYPE = "weight_scale", "float32"  # int8 values only: fp32 [out], one scale per output channel
+SCALE_LAYOUT = "per-channel"  # quantization_config.scale_layout of int8 values (symmetric, no zero point)
 LAYOUTS = ("sparse-bitmask", "sparse-24-bitmask")
 SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-sparse format (same tensors as sparse-bitmask)
 MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
-VALUES_DTYPES = ("bfloat16", "float16")  # dtypes of `compressed` the kernel reads (kernels/isa.h ValueType)
+VALUES_DTYPES = ("bfloat16", "float16", "int8")  # dtypes of `compressed` the kernel reads (kernels/isa.h ValueType)
+QUANTIZED_VALUES = ("int8",)  # values stored with SCALE_PART
 # Version 2 names its weights bitmask-XXXXX-of-YYYYY.safetensors through WEIGHTS_INDEX, never model.safetensors, so a
 # loader that ignores our model type finds no weights instead of building random ones; version 1 (model.safetensors)
 # is still read.
@@ -40,13 +44,24 @@ class PackedFormatError(ValueError):
 @dataclass(frozen=True)
 class FormatConfig:
     """The `quantization_config` of a `bitmask/` export: which Linears are packed (state-dict module names), in what
-    layout and values dtype. `from_dict` raises PackedFormatError for a layout, dtype or version it does not know."""
+    layout and values dtype, and for int8 values the layout of their scales (`scale_layout`, SCALE_LAYOUT). `from_dict`
+    raises PackedFormatError for a layout, dtype, scale layout or version it does not know."""
 
     targets: tuple[str, ...] = ()
     format: str = "sparse-bitmask"
     values_dtype: str = "bfloat16"
     version: int = FORMAT_VERSION
+    scale_layout: str | None = None
     quant_method: str = field(default=SERVED_SPARSE_METHOD, init=False)
+
+    def __post_init__(self):
+        if self.scale_layout is None and self.values_dtype in QUANTIZED_VALUES:
+            object.__setattr__(self, "scale_layout", SCALE_LAYOUT)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The tensors stored per packed module."""
+        return parts_for(self.values_dtype)
 
     @classmethod
     def from_dict(cls, config: dict) -> "FormatConfig":
@@ -56,7 +71,12 @@ class FormatConfig:
             raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: quantization_config.targets must be a list of module "
                                     f"names, got {str(targets)[:80]!r}")
         made = cls(tuple(targets), config.get("format", "sparse-bitmask"), config.get("values_dtype", "bfloat16"),
-                   config.get("version", FORMAT_VERSION))
+                   config.get("version", FORMAT_VERSION), config.get("scale_layout"))
+        quantized = made.values_dtype in QUANTIZED_VALUES
+        if config.get("scale_layout") != (SCALE_LAYOUT if quantized else None):
+            raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: values_dtype {made.values_dtype!r} with scale_layout "
+                                    f"{made.scale_layout!r} (this absorbdeploy reads int8 values with "
+                                    f"{SCALE_LAYOUT!r} scales, 16-bit values with none)")
         if made.format != "sparse-bitmask" or made.values_dtype not in VALUES_DTYPES or made.version not in READ_VERSIONS:
             raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: unsupported format {made.format!r}, values_dtype "
                                     f"{made.values_dtype!r} or version {made.version!r} (this absorbdeploy reads "
@@ -65,8 +85,30 @@ class FormatConfig:
         return made
 
     def to_dict(self) -> dict:
-        return {"quant_method": self.quant_method, "format": self.format, "values_dtype": self.values_dtype,
+        scales = {"scale_layout": self.scale_layout} if self.scale_layout else {}
+        return {"quant_method": self.quant_method, "format": self.format, "values_dtype": self.values_dtype, **scales,
                 "targets": list(self.targets), "version": self.version}
+
+
+def parts_for(values_dtype: str) -> tuple[str, ...]:
+    """The parts of one packed module with values of `values_dtype` (PARTS, plus SCALE_PART for int8)."""
+    return PARTS + ((SCALE_PART,) if values_dtype in QUANTIZED_VALUES else ())
+
+
+def quantize_values(w):
+    """Symmetric per-output-channel int8 of a pruned W [out, in] (any float dtype): scales fp32 [out] = max |W[r]| /
+    127 over the kept weights, q int8 [out, in] = round(W / scale) in [-127, 127]. A kept weight never rounds to zero
+    (|q| >= 1 where W != 0), so q's non-zeros are W's and the bitmask stays the pruning mask; an all-zero row gets
+    scale 1. Returns (q, scales). Standard RTN weight quantization (as compressed-tensors' int8 channel scheme) applied
+    after pruning, so pruned zeros do not set the range."""
+    import torch
+
+    w = w.float()
+    scales = w.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales.unsqueeze(1)).clamp(-127, 127)
+    q = torch.where((q == 0) & (w != 0), torch.sign(w), q)
+    return q.to(torch.int8), scales
 
 
 def names_weights_index(quantization_config) -> bool:
@@ -98,7 +140,8 @@ def unpack_bits(bitmask, columns: int):
 
 
 def compress_bitmask(w) -> dict:
-    """W [out, in] (any dtype) -> {shape, compressed [nnz] in W's dtype, bitmask uint8, row_offsets int64}."""
+    """W [out, in] (any dtype) -> {shape, compressed [nnz] in W's dtype, bitmask uint8, row_offsets int64}; for int8
+    values compress q of `quantize_values` and add its scales as SCALE_PART (`encode` does)."""
     import numpy as np
     import torch
 
@@ -110,8 +153,9 @@ def compress_bitmask(w) -> dict:
 
 
 def decompress_bitmask(parts: dict):
-    """The dense W [out, in] in the dtype of `compressed`; `row_offsets` is not needed (the bits give the order).
-    Raises PackedFormatError when the bitmask's set bits and the number of values differ."""
+    """The dense W [out, in] in the dtype of `compressed` (int8 values with SCALE_PART: fp32 q * scale); `row_offsets`
+    is not needed (the bits give the order). Raises PackedFormatError when the bitmask's set bits and the number of
+    values differ."""
     import torch
 
     rows, columns = (int(v) for v in parts["shape"].reshape(-1))
@@ -121,6 +165,8 @@ def decompress_bitmask(parts: dict):
                                 f"{parts['compressed'].numel()} values")
     dense = torch.zeros(rows, columns, dtype=parts["compressed"].dtype)
     dense[mask] = parts["compressed"].reshape(-1).cpu()
+    if SCALE_PART in parts:
+        return dense.float() * parts[SCALE_PART].float().reshape(-1, 1).cpu()
     return dense
 
 
@@ -156,7 +202,18 @@ def decode(parts: dict, layout: str):
     return decompress_24(parts) if layout == "sparse-24-bitmask" else decompress_bitmask(parts)
 
 
-def encode(w, layout: str) -> dict:
+def encode(w, layout: str, values: str | None = None) -> dict:
+    """W [out, in] -> its packed parts in `layout`, values in W's dtype, or `values` ("bfloat16", "float16", "int8":
+    int8 with scales, sparse-bitmask only). Raises PackedFormatError for int8 asked of another layout."""
+    import torch
+
+    if values in QUANTIZED_VALUES:
+        if layout != "sparse-bitmask":
+            raise PackedFormatError(f"int8 values are stored in the sparse-bitmask layout only, not {layout}")
+        q, scales = quantize_values(w)
+        return {**compress_bitmask(q), SCALE_PART: scales}
+    if values is not None:
+        w = w.to(getattr(torch, values))
     return compress_24(w) if layout == "sparse-24-bitmask" else compress_bitmask(w)
 
 
@@ -185,8 +242,9 @@ def slice_rows(parts: dict, start: int, stop: int) -> dict:
     first = int(offsets[start]) if start < offsets.numel() else values.numel()
     last = int(offsets[stop]) if stop < offsets.numel() else values.numel()
     columns = int(parts["shape"].reshape(-1)[1])
+    scales = {SCALE_PART: parts[SCALE_PART][start:stop]} if SCALE_PART in parts else {}
     return {"shape": torch.tensor([stop - start, columns], dtype=torch.int64), "compressed": values[first:last],
-            "bitmask": parts["bitmask"][start:stop], "row_offsets": offsets[start:stop] - first}
+            "bitmask": parts["bitmask"][start:stop], "row_offsets": offsets[start:stop] - first, **scales}
 
 
 def slice_columns(parts: dict, start: int, stop: int) -> dict:
@@ -203,9 +261,10 @@ def slice_columns(parts: dict, start: int, stop: int) -> dict:
     inside = row_popcounts(bitmask[:, start // 8 : (stop + 7) // 8])
     offsets = torch.cumsum(inside, 0) - inside
     gather = torch.repeat_interleave(parts["row_offsets"] + before - offsets, inside) + torch.arange(int(inside.sum()))
+    scales = {SCALE_PART: parts[SCALE_PART]} if SCALE_PART in parts else {}  # a row's scale covers all its columns
     return {"shape": torch.tensor([bitmask.shape[0], stop - start], dtype=torch.int64),
             "compressed": parts["compressed"][gather], "bitmask": bitmask[:, start // 8 : (stop + 7) // 8].contiguous(),
-            "row_offsets": offsets}
+            "row_offsets": offsets, **scales}
 
 
 def concat_rows(shards: list[dict]) -> dict:
@@ -221,6 +280,10 @@ def concat_rows(shards: list[dict]) -> dict:
         shifts.append(s["row_offsets"] + total)
         total += s["compressed"].numel()
     rows = sum(s["bitmask"].shape[0] for s in shards)
+    scaled = {SCALE_PART in s for s in shards}
+    if len(scaled) != 1:
+        raise ValueError("fused shards must all have scales (int8 values) or none")
+    scales = {SCALE_PART: torch.cat([s[SCALE_PART] for s in shards])} if scaled.pop() else {}
     return {"shape": torch.tensor([rows, columns.pop()], dtype=torch.int64),
             "compressed": torch.cat([s["compressed"] for s in shards]),
-            "bitmask": torch.cat([s["bitmask"] for s in shards]), "row_offsets": torch.cat(shifts)}
+            "bitmask": torch.cat([s["bitmask"] for s in shards]), "row_offsets": torch.cat(shifts), **scales}

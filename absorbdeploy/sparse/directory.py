@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absorbdeploy.checkpoint import check_index
 from absorbdeploy.sparse import integrity
-from absorbdeploy.sparse.codec import PARTS, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError
+from absorbdeploy.sparse.codec import SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError
 
 
 def served_sparse_config(folder: Path) -> FormatConfig | None:
@@ -47,12 +47,12 @@ def check_directory(folder) -> int:
     if described is None:
         return 0
     owner = {key: file for file, header in check_index(folder).items() for key in header if key != "__metadata__"}
-    integrity.check_targets(described.targets, owner)
+    integrity.check_targets(described.targets, owner, described.values_dtype)
     sizes = linear_sizes(folder, described.targets)
     with ExitStack() as stack:
         shards = {file: stack.enter_context(safe_open(str(file), "pt")) for file in set(owner.values())}
         for module in described.targets:
-            parts = {part: shards[owner[f"{module}.{part}"]].get_tensor(f"{module}.{part}") for part in PARTS}
+            parts = {part: shards[owner[f"{module}.{part}"]].get_tensor(f"{module}.{part}") for part in described.parts}
             integrity.check_packed(module, parts, described.values_dtype, *sizes[module])
     return len(described.targets)
 

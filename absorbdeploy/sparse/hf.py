@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from absorbdeploy.checkpoint import read_header
 from absorbdeploy.sparse import integrity
 from absorbdeploy.sparse.codec import (
-    PARTS, SERVED_SPARSE_METHOD, WEIGHTS_INDEX, FormatConfig, PackedFormatError, model_type_for, names_weights_index,
+    SERVED_SPARSE_METHOD, WEIGHTS_INDEX, FormatConfig, PackedFormatError, model_type_for, names_weights_index,
 )
 from absorbdeploy.sparse.linear import BitmaskLinear, densify
 
@@ -105,7 +105,7 @@ class BitmaskQuantizer(HfQuantizer):
         headers = {}
         for file in checkpoint_files or []:
             headers.update({k: v for k, v in read_header(Path(file)).items() if k != "__metadata__"})
-        integrity.check_targets(config.targets, headers)
+        integrity.check_targets(config.targets, headers, config.values_dtype)
         for name in config.targets:
             old = target_linear(model, name)
             integrity.check_layout(name, integrity.describe_header(headers, name), config.values_dtype,
@@ -121,7 +121,8 @@ class BitmaskQuantizer(HfQuantizer):
         config = self.quantization_config
         for name in config.targets:
             module = model.get_submodule(name)
-            integrity.check_packed(name, {part: getattr(module, part) for part in PARTS}, config.values_dtype,
+            integrity.check_packed(name, {part: getattr(module, part) for part in config.description.parts},
+                                   config.values_dtype,
                                    module.out_features, module.in_features)
         if any(b.device.type == "cuda" for b in model.buffers()):
             count = densify(model)

@@ -4,9 +4,9 @@ entries; every door runs them: transformers' quantizer (sparse/hf.py), the vLLM 
 `absorbdeploy serve` / validation through `check_directory` (sparse/directory.py).
 
 For one packed matrix W [rows, columns] in the sparse-bitmask layout (codec.py) the rules are:
-- every part present (codec.PARTS), with its dtype (codec.PART_DTYPES; `compressed` in the config's values dtype) and
-  rank: shape int64 [2] = (rows, columns), compressed [nnz], bitmask uint8 [rows, ceil(columns / 8)], row_offsets
-  int64 [rows];
+- every part present (codec.parts_for the values dtype), with its dtype (codec.PART_DTYPES; `compressed` in the
+  config's values dtype) and rank: shape int64 [2] = (rows, columns), compressed [nnz], bitmask uint8 [rows,
+  ceil(columns / 8)], row_offsets int64 [rows], and for int8 values weight_scale float32 [rows], finite and > 0;
 - no bit set past `columns` in the last byte of a row;
 - row_offsets = the exclusive cumulative sum of the rows' popcounts (so it starts at 0, never decreases, each step is
   that row's popcount), and the total popcount = nnz;
@@ -16,26 +16,34 @@ a target. Each failure raises codec.PackedFormatError with one line naming the m
 
 import math
 
-from absorbdeploy.sparse.codec import PART_DTYPES, PARTS, PackedFormatError, row_popcounts
+from absorbdeploy.sparse.codec import (
+    PART_DTYPES, PARTS, SCALE_DTYPE, SCALE_PART, PackedFormatError, parts_for, row_popcounts,
+)
 
 # safetensors header dtype names -> torch dtype names (the parts' dtypes in codec.PART_DTYPES are torch names).
 HEADER_DTYPES = {"I64": "int64", "U8": "uint8", "BF16": "bfloat16", "F16": "float16", "F32": "float32",
                  "I32": "int32", "I8": "int8", "F64": "float64", "BOOL": "bool", "I16": "int16"}
-PART_RANKS = {"shape": 1, "compressed": 1, "bitmask": 2, "row_offsets": 1}
+PART_RANKS = {"shape": 1, "compressed": 1, "bitmask": 2, "row_offsets": 1, SCALE_PART: 1}
+ALL_PARTS = (*PARTS, SCALE_PART)  # every suffix a packed tensor may have
 
 
 def expected_shapes(rows: int, columns: int, nnz: int) -> dict[str, tuple[int, ...]]:
     """The shape of each part of a [rows, columns] matrix with nnz non-zeros."""
-    return {"shape": (2,), "compressed": (nnz,), "bitmask": (rows, math.ceil(columns / 8)), "row_offsets": (rows,)}
+    return {"shape": (2,), "compressed": (nnz,), "bitmask": (rows, math.ceil(columns / 8)), "row_offsets": (rows,),
+            SCALE_PART: (rows,)}
 
 
 def _check_parts(name: str, described: dict, values_dtype: str) -> None:
-    missing = [part for part in PARTS if part not in described]
+    expected = parts_for(values_dtype)
+    missing = [part for part in expected if part not in described]
     if missing:
         raise PackedFormatError(f"{name}: the checkpoint has no {', '.join(f'{name}.{p}' for p in missing)}")
-    for part in PARTS:
+    stray = [part for part in described if part not in expected]
+    if stray:
+        raise PackedFormatError(f"{name}.{stray[0]}: not a part of {values_dtype} values")
+    for part in expected:
         dtype, shape = described[part]
-        want = PART_DTYPES[part] or values_dtype
+        want = SCALE_DTYPE if part == SCALE_PART else PART_DTYPES[part] or values_dtype
         if dtype != want:
             raise PackedFormatError(f"{name}.{part}: dtype {dtype}, the format stores {want}")
         if len(shape) != PART_RANKS[part]:
@@ -45,7 +53,7 @@ def _check_parts(name: str, described: dict, values_dtype: str) -> None:
 
 def _check_sizes(name: str, described: dict, rows: int, columns: int) -> None:
     for part, want in expected_shapes(rows, columns, described["compressed"][1][0]).items():
-        if tuple(described[part][1]) != want:
+        if part in described and tuple(described[part][1]) != want:
             raise PackedFormatError(f"{name}.{part}: shape {list(described[part][1])}, a [{rows}, {columns}] matrix "
                                     f"needs {list(want)}")
 
@@ -66,7 +74,7 @@ def describe(parts: dict) -> dict:
 def describe_header(header: dict, module: str) -> dict:
     """{part: (torch dtype name, shape)} of `module`'s parts in a safetensors header ({key: {dtype, shape, ...}})."""
     found = {}
-    for part in PARTS:
+    for part in ALL_PARTS:
         info = header.get(f"{module}.{part}")
         if info is not None:
             found[part] = (HEADER_DTYPES.get(info["dtype"], info["dtype"]), tuple(info["shape"]))
@@ -95,6 +103,13 @@ def check_contents(name: str, parts: dict) -> None:
         row = int(wrong[0, 0])
         raise PackedFormatError(f"{name}.row_offsets: row {row} starts at {int(offsets[row])}, its bitmask's "
                                 f"preceding rows hold {int(expected[row])} values")
+    if SCALE_PART in parts:
+        scales = parts[SCALE_PART].cpu()
+        bad = (~(torch.isfinite(scales) & (scales > 0))).nonzero()
+        if bad.numel():
+            row = int(bad[0, 0])
+            raise PackedFormatError(f"{name}.{SCALE_PART}: row {row} has scale {float(scales[row])}, scales must be "
+                                    "finite and > 0")
 
 
 def check_packed(name: str, parts: dict, values_dtype: str, rows: int | None = None, columns: int | None = None) -> None:
@@ -113,21 +128,21 @@ def check_packed(name: str, parts: dict, values_dtype: str, rows: int | None = N
 
 
 def packed_modules(names) -> dict[str, set[str]]:
-    """{module: parts present} for every tensor name ending in one of codec.PARTS."""
+    """{module: parts present} for every tensor name ending in one of ALL_PARTS."""
     found: dict[str, set[str]] = {}
     for key in names:
         module, _, part = key.rpartition(".")
-        if part in PART_DTYPES and module:
+        if part in ALL_PARTS and module:
             found.setdefault(module, set()).add(part)
     return found
 
 
-def check_targets(targets, names) -> None:
-    """Every target has all its parts among `names` (the checkpoint's tensor names) and every packed tensor is named
-    by a target. Raises PackedFormatError naming the first module that is not so."""
+def check_targets(targets, names, values_dtype: str = "bfloat16") -> None:
+    """Every target has all its parts (codec.parts_for `values_dtype`) among `names` (the checkpoint's tensor names)
+    and every packed tensor is named by a target. Raises PackedFormatError naming the first module that is not so."""
     packed, targets = packed_modules(names), set(targets)
     for module in sorted(targets):
-        missing = [p for p in PARTS if p not in packed.get(module, set())]
+        missing = [p for p in parts_for(values_dtype) if p not in packed.get(module, set())]
         if missing:
             raise PackedFormatError(f"{module}: listed in quantization_config.targets, but the checkpoint has no "
                                     f"{', '.join(f'{module}.{p}' for p in missing)}")

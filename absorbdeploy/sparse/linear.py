@@ -1,8 +1,9 @@
 """`BitmaskLinear`: an nn.Linear whose weight is held only in the bitmask layout and multiplied by our kernel.
 
-Buffers (codec.PARTS, as stored on disk): `compressed` [nnz] bf16/fp16 non-zeros in row-major
-order, `bitmask` uint8 [out, ceil(in/8)], `row_offsets` int64 [out], `shape` int64 [2]; `bias` [out] stays a float
-parameter. `forward` calls torch.ops.absorbdeploy.bitmask_linear (kernels/), which never materialises a dense W for
+Buffers (codec.parts_for the values dtype, as stored on disk): `compressed` [nnz] bf16/fp16 (or int8) non-zeros in
+row-major order, `bitmask` uint8 [out, ceil(in/8)], `row_offsets` int64 [out], `shape` int64 [2], and for int8 values
+`weight_scale` fp32 [out] (W[r] = weight_scale[r] * q[r]); `bias` [out] stays a float parameter. `forward` calls
+torch.ops.absorbdeploy.bitmask_linear (kernels/), which never materialises a dense W for
 decode-sized batches. Casting the module (`model.to(torch.float32)`, `.half()`) moves the packed values between devices
 but never changes their dtype: they are the stored bytes, and the kernel accumulates in fp32 whatever x is.
 """
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from absorbdeploy.sparse.codec import PARTS, decompress_bitmask
+from absorbdeploy.sparse.codec import SCALE_PART, decompress_bitmask, parts_for
 
 
 class BitmaskLinear(torch.nn.Module):
@@ -25,6 +26,9 @@ class BitmaskLinear(torch.nn.Module):
         self.register_buffer("bitmask", torch.empty(out_features, math.ceil(in_features / 8), dtype=torch.uint8, device=device))
         self.register_buffer("row_offsets", torch.empty(out_features, dtype=torch.int64, device=device))
         self.register_buffer("shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+        self.parts = parts_for(str(values_dtype).removeprefix("torch."))
+        self.register_buffer(SCALE_PART, torch.empty(out_features, dtype=torch.float32, device=device)
+                             if SCALE_PART in self.parts else None)
         self.bias = torch.nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._planned: set = set()  # x dtypes whose kernel plan (kernels/tune.py) this module has ensured
 
@@ -33,7 +37,7 @@ class BitmaskLinear(torch.nn.Module):
         """From codec.compress_bitmask's dict (or the tensors read from disk)."""
         rows, columns = (int(v) for v in parts["shape"].reshape(-1))
         module = cls(columns, rows, parts["compressed"].numel(), bias is not None, parts["compressed"].dtype)
-        for name in PARTS:
+        for name in module.parts:
             getattr(module, name).copy_(parts[name].reshape(getattr(module, name).shape))
         if bias is not None:
             module.bias.data.copy_(bias)
@@ -43,25 +47,27 @@ class BitmaskLinear(torch.nn.Module):
         from absorbdeploy.sparse.kernels import bitmask_linear, ensure_planned
 
         if x.dtype not in self._planned and not torch.compiler.is_compiling() and self.compressed.device.type == "cpu":
-            ensure_planned(self.compressed, self.bitmask, self.row_offsets, self.in_features, x.dtype)
+            ensure_planned(self.compressed, self.bitmask, self.row_offsets, self.in_features, x.dtype,
+                           self.weight_scale)
             self._planned.add(x.dtype)
-        return bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias)
+        return bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias,
+                              self.weight_scale)
 
     def dense_weight(self):
-        """W [out, in] in the values' dtype (for densifying on devices the kernel does not serve)."""
-        parts = {"shape": self.shape.cpu(), "bitmask": self.bitmask.cpu(), "compressed": self.compressed.cpu()}
+        """W [out, in] in the values' dtype, fp32 for int8 values (for densifying where the kernel does not run)."""
+        parts = {n: getattr(self, n).cpu() for n in self.parts if n != "row_offsets"}
         return decompress_bitmask(parts).to(self.compressed.device)
 
     def packed_bytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in PARTS)
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.parts)
 
     def _apply(self, fn, recurse=True):
-        values = self._buffers.pop("compressed")
+        kept = {n: self._buffers.pop(n) for n in ("compressed", SCALE_PART) if self._buffers.get(n) is not None}
         try:
             super()._apply(fn, recurse)
         finally:  # a uint8 probe shows where fn moves tensors without the dtype cast it applies to floats
-            device = fn(torch.empty(0, dtype=torch.uint8, device=values.device)).device
-            self._buffers["compressed"] = values.to(device)
+            device = fn(torch.empty(0, dtype=torch.uint8, device=kept["compressed"].device)).device
+            self._buffers.update({n: t.to(device) for n, t in kept.items()})
         return self
 
     def extra_repr(self) -> str:
@@ -72,11 +78,12 @@ class BitmaskLinear(torch.nn.Module):
 
 def densify(model) -> int:
     """Replace every BitmaskLinear of `model` by an nn.Linear holding the decoded weight, in the model's dtype (a
-    transformers model's `dtype`, else the values' dtype); returns how many."""
+    transformers model's `dtype`, else the values' dtype, fp32 for int8 values); returns how many."""
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, BitmaskLinear):
-            dtype = getattr(model, "dtype", None) or module.compressed.dtype
+            dtype = getattr(model, "dtype", None) or (torch.float32 if module.weight_scale is not None
+                                                      else module.compressed.dtype)
             dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                     device=module.compressed.device, dtype=dtype)
             dense.weight.data.copy_(module.dense_weight())

@@ -26,11 +26,15 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from absorbdeploy.sparse import integrity
 from absorbdeploy.sparse.codec import (
-    PART_DTYPES, PARTS, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError, concat_rows, slice_columns, slice_rows,
+    PART_DTYPES, SCALE_DTYPE, SCALE_PART, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError, concat_rows,
+    parts_for, slice_columns, slice_rows,
 )
 
-# Empty stand-ins until the loader hands over each shard's tensors (their dtype is the checkpoint's).
-PLACEHOLDER_DTYPES = {part: getattr(torch, dtype or "bfloat16") for part, dtype in PART_DTYPES.items()}
+
+def placeholder_dtypes(values_dtype: str) -> dict:
+    """Empty stand-ins' dtypes until the loader hands over each shard's tensors (their dtype is the checkpoint's)."""
+    return {part: getattr(torch, SCALE_DTYPE if part == SCALE_PART else PART_DTYPES[part] or values_dtype)
+            for part in parts_for(values_dtype)}
 
 
 def register() -> None:
@@ -66,7 +70,7 @@ class BitmaskLinearMethod(LinearMethodBase):
         def loader(param, loaded, shard_id=None):
             layer.bitmask_pending.setdefault(shard_id, {})[param.bitmask_part] = loaded.clone()
 
-        for part, dtype in PLACEHOLDER_DTYPES.items():
+        for part, dtype in placeholder_dtypes(self.values_dtype).items():
             param = Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
             param.bitmask_part = part
             param.weight_loader = loader
@@ -85,16 +89,16 @@ class BitmaskLinearMethod(LinearMethodBase):
         if packed["bitmask"].shape[0] != layer.bitmask_out_features:
             raise PackedFormatError(f"{' + '.join(self.modules)}: {packed['bitmask'].shape[0]} packed rows on this "
                                     f"rank, the model expects {layer.bitmask_out_features}")
-        for part in PARTS:
+        for part in parts_for(self.values_dtype):
             setattr(layer, part, Parameter(packed[part].contiguous(), requires_grad=False))
         del layer.bitmask_pending
         # the kernel's batch crossover for this layer, measured once per machine (kernels/tune.py)
         ensure_planned(layer.compressed, layer.bitmask, layer.row_offsets, layer.bitmask_in_features,
-                       getattr(layer, "params_dtype", torch.get_default_dtype()))
+                       getattr(layer, "params_dtype", torch.get_default_dtype()), getattr(layer, SCALE_PART, None))
 
     def apply(self, layer, x, bias=None):
         return torch.ops.absorbdeploy.bitmask_linear(x, layer.compressed, layer.bitmask, layer.row_offsets,
-                                                     layer.bitmask_in_features, bias)
+                                                     layer.bitmask_in_features, bias, getattr(layer, SCALE_PART, None))
 
 
 def _shard_order(layer) -> list:
@@ -156,7 +160,8 @@ class BitmaskConfig(QuantizationConfig):
 
         folder = Path(model_name)
         if folder.is_dir():
-            integrity.check_targets(self.targets, [k for header in check_index(folder).values() for k in header])
+            names = [k for header in check_index(folder).values() for k in header]
+            integrity.check_targets(self.targets, names, self.values_dtype)
 
     def get_quant_method(self, layer, prefix: str):
         if not isinstance(layer, LinearBase):

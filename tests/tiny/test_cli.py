@@ -189,3 +189,26 @@ def test_an_impossible_gate_exits_one_and_names_the_gate(tmp_path):
     assert len(failing) == 1 and "max_ppl_ratio on compressed-safetensors" in failing[0] and "limit 0.5" in failing[0]
     report = json.loads((out / "report.json").read_text())  # artefacts and report are kept
     assert report["status"] == "failed" and report["exit_code"] == 1 and (out / "compressed-safetensors" / "config.json").is_file()
+
+
+def test_int8_values_are_exact_against_their_decoded_weights_and_gated_on_their_ppl(tmp_path):
+    """export.values=int8: the bitmask artefact agrees with the pruned model whose weights are what int8 stores (top-1
+    1.0, logits to fp32 rounding) in transformers and in vLLM, reports its bytes per weight, and the quantization
+    gate compares its PPL with the unquantized pruned model's."""
+    out = tmp_path / "run"
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out, "--set", "export.values=int8",
+                   "--set", "export.formats=[bitmask]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    names = ["bitmask"] + (["bitmask (vllm + bitmask plugin)"] if VLLM else [])
+    for name in names:
+        artefact = report["artefacts"][name]
+        assert artefact["values"] == "int8" and artefact["top1_agreement"] == 1.0
+        assert artefact["max_abs_logprob_diff"] < 1e-4 and artefact["realised_sparsity"] == 0.5
+        assert artefact["unquantized_ppl"] == report["reference"]["ppl"] != artefact["ppl"]
+        assert artefact["quantization_ppl_ratio"] == artefact["ppl"] / artefact["unquantized_ppl"]
+        assert 0.6 < artefact["linear_bytes_per_weight"] < 0.75  # 0.5 values + 0.125 bitmask + offsets and scales
+    gates = {(g["gate"], g["artefact"]) for g in report["gates"]}
+    assert all(("max_quantization_ppl_ratio", name) in gates for name in names)
+    config = json.loads((out / "bitmask" / "config.json").read_text())["quantization_config"]
+    assert config["values_dtype"] == "int8" and config["scale_layout"] == "per-channel"

@@ -50,3 +50,21 @@ def test_streamed_exports_validate(runs):
     index = json.loads((folder / "on" / "vllm" / "model.safetensors.index.json").read_text())
     assert all((folder / "on" / "vllm" / f).is_file() for f in set(index["weight_map"].values()))
 
+
+
+def test_streamed_int8_values_are_compared_as_int8_stores_them(tmp_path):
+    """Streaming never holds the model whole: the int8 bitmask export's decoded tensors are compared with the pruned
+    checkpoint's weights quantized the same way (exact), and its PPL is reported as not measured, not as the
+    unquantized model's."""
+    from absorbdeploy.tiny import build_tiny_llama
+
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    proc = run_cli("prune-and-export", tmp_path / "model", "--out", tmp_path / "run", "--recipe", "smoke-tiny",
+                   "--formats", "vllm,bitmask", "--set", "validate.latency.enabled=false", "--set", "streaming.mode=on",
+                   "--set", "export.values=int8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bitmask = json.loads((tmp_path / "run" / "report.json").read_text())["artefacts"]["bitmask"]
+    assert bitmask["runtime"] == "decoder (tensors vs vllm/)" and bitmask["top1_agreement"] == 1.0
+    assert bitmask["values"] == "int8" and bitmask["ppl"] is None and bitmask["quantization_ppl_ratio"] is None

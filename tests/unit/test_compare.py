@@ -87,3 +87,32 @@ def test_a_reload_error_is_a_failed_gate_with_its_cause():
 def test_ratio_and_display_handle_missing_numbers():
     assert validate.ratio(2.0, 4.0) == 0.5 and validate.ratio(None, 4.0) is None and validate.ratio(2.0, 0.0) is None
     assert validate.show(None).startswith("n/a") and validate.show(1.23456) == "1.235"
+
+
+def test_the_quantized_reference_scores_the_stored_weights_then_restores_them_exactly():
+    """The reference of an int8 artefact runs the model with q * scale in place of each pruned weight, and every weight
+    is back bit for bit afterwards (saved in the export dtype the weights were rounded to)."""
+    import copy
+
+    from absorbdeploy.runners import TorchRunner
+    from absorbdeploy.sparse.codec import quantize_values
+    from absorbdeploy.tiny import build_tiny_llama
+
+    model, _ = build_tiny_llama()
+    names = [n for n, _ in model.named_parameters() if n.endswith("proj.weight")][:5]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = TorchRunner(model)
+    ref = validate.quantized_reference(model, names, "int8", "bfloat16", runner, IDS, 2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            q, scales = quantize_values(quantized.get_parameter(name))
+            quantized.get_parameter(name).copy_(q.float() * scales.unsqueeze(1))
+    expected, plain = validate.reference(TorchRunner(quantized), IDS, 2), validate.reference(runner, IDS, 2)
+    assert torch.equal(ref.logits, expected.logits) and ref.ppl == expected.ppl != plain.ppl
+    with pytest.raises(ValueError, match="no quantized reference"):
+        validate.quantized_reference(model, names, "int4", "bfloat16", runner, IDS, 2)

@@ -110,6 +110,8 @@ def test_parse_nm_refuses_what_is_not_n_of_m(text, fragment):
     (["export.formats=[vllm, vllm]"], "export.formats lists a format twice"),
     (["export.dtype=int8"], "export.dtype must be one of auto, float32, bfloat16, float16"),
     (["export.max_shard_size=5TB"], "export.max_shard_size must look like '5GB'"),
+    (["export.values=int4"], "export.values must be one of auto, bf16, fp16, int8"),
+    (["validate.gates.max_quantization_ppl_ratio=0"], "validate.gates.max_quantization_ppl_ratio must be > 0 or null"),
     (["export.onnx.opset=17"], "export.onnx.opset must be in [18, 23], got 17"),
     (["export.onnx.dtype=bfloat16"], "export.onnx.dtype must be one of float32, float16"),
     (["validate.eval_windows=0"], "validate.eval_windows must be >= 1"),

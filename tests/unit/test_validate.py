@@ -50,6 +50,18 @@ def test_tensors_match_needs_every_tensor_bit_identical_and_none_missing(tmp_pat
     assert not validate.tensors_match([{"a": TENSORS["a"], "b": TENSORS["b"]}], folder)  # c never compared
 
 
+def test_with_int8_values_the_pruned_tensors_are_compared_as_int8_stores_them(tmp_path):
+    from absorbdeploy.sparse.codec import quantize_values
+
+    weight = torch.randn(6, 16) * (torch.rand(6, 16) < 0.5)
+    folder = _checkpoint(tmp_path, {"w": weight, "b": TENSORS["b"]})
+    q, scales = quantize_values(weight)
+    stored = {"w": q.float() * scales.unsqueeze(1), "b": TENSORS["b"]}
+    assert validate.tensors_match([stored], folder, ("int8", ["w"]))
+    assert not validate.tensors_match([stored], folder)  # as bf16 values it would be wrong
+    assert not validate.tensors_match([{"w": weight, "b": TENSORS["b"]}], folder, ("int8", ["w"]))
+
+
 def _tiny_parameters() -> int:
     """Weights of the tiny Llama counted from its configuration (the tied lm_head once)."""
     c = TINY_CONFIG

@@ -1,22 +1,20 @@
-// absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias) = x @ W^T (+ bias), W stored in
-// the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h).
+// absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales) = x @ W^T (+ bias), W stored
+// in the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h): bf16/fp16 values, or int8
+// values with fp32 per-row scales (W[r] = scales[r] * q[r], codec.quantize_values).
 //
 // Three paths, chosen per call by the measured plan of dispatch.h:
 // fused (small batches): W never materialised; rows split across torch's threads.
 // amx (bf16 x and values, CPUs with AMX): 32-row blocks decoded to bf16 and multiplied on the tile unit (amx.h).
 // tiled (larger batches): tiles of rows decoded to a dense scratch and multiplied with one GEMM each, in bf16 when x
-// and the values are bf16 (exact products, fp32 accumulation, one rounding), else in fp32.
+// is bf16 and the values bf16 or int8 (both exact in bf16: exact products, fp32 accumulation), else in fp32; int8 tiles
+// hold q unscaled and each tile's columns of y are scaled after its GEMM.
 // The ISA path is picked per call from kIsaTable: ABSORBDEPLOY_KERNEL_ISA = one of its names | auto (default: the best
 // one this CPU runs).
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -29,6 +27,8 @@
 #include "amx.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "rows.h"
+#include "tiled.h"
 
 namespace absorbdeploy {
 namespace {
@@ -91,40 +91,26 @@ std::vector<std::string> kernel_paths() {
 
 std::string kernel_active_path() { return select_kernel().name; }
 
-// Rows from the returned index on could have full-width loads run past the end of `values` (row_offsets is
-// non-decreasing, so they are a suffix); they run on a zero-padded copy of their values instead.
-int64_t first_bounced_row(const BitmaskMatrix& w, int64_t rows, int64_t nnz) {
-  int64_t r = rows;
-  while (r > 0 && w.row_offsets[r - 1] + w.in_features + kValueOverread > nnz) --r;
-  return r;
-}
-
-template <typename F>
-void for_rows_in_bounds(const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t begin, int64_t end, F&& fn) {
-  if (begin < std::min(end, bounced_from)) fn(w, begin, std::min(end, bounced_from));
-  std::vector<uint16_t> bounce;
-  for (int64_t r = std::max(begin, bounced_from); r < end; ++r) {
-    const int64_t start = w.row_offsets[r], count = std::min(nnz - start, w.in_features);
-    bounce.assign(w.in_features + 2 * kValueOverread, 0);
-    std::copy(w.values + start, w.values + start + count, bounce.begin());
-    BitmaskMatrix row = w;
-    row.values = bounce.data();
-    row.values_origin = start;
-    fn(row, r, r + 1);
-  }
-}
-
 void check_inputs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                  const at::Tensor& row_offsets, int64_t in_features, const c10::optional<at::Tensor>& bias) {
+                  const at::Tensor& row_offsets, int64_t in_features, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& scales) {
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && bitmask.device().is_cpu() &&
                   row_offsets.device().is_cpu(), "bitmask_linear: CPU tensors only");
   TORCH_CHECK(in_features >= 0 && x.dim() >= 1 && x.size(-1) == in_features, "bitmask_linear: x has shape ",
               x.sizes(), ", expected [..., ", in_features, "]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "bitmask_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kBFloat16 || values.scalar_type() == at::kHalf),
-              "bitmask_linear: values must be 1-D bfloat16 or float16, got ", values.scalar_type(), " ",
+  TORCH_CHECK(values.dim() == 1 && (values.scalar_type() == at::kBFloat16 || values.scalar_type() == at::kHalf ||
+                                    values.scalar_type() == at::kChar),
+              "bitmask_linear: values must be 1-D bfloat16, float16 or int8, got ", values.scalar_type(), " ",
               values.sizes());
+  const bool int8 = values.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 == scales.has_value(), "bitmask_linear: int8 values need their scales and only they take scales (",
+              "values ", values.scalar_type(), ", scales ", scales.has_value() ? "given" : "none", ")");
+  if (scales.has_value())
+    TORCH_CHECK(scales->dim() == 1 && scales->scalar_type() == at::kFloat && scales->size(0) == bitmask.size(0) &&
+                    scales->device().is_cpu(), "bitmask_linear: scales must be float32 [out] = [", bitmask.size(0),
+                "], got ", scales->scalar_type(), " ", scales->sizes());
   TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kByte && bitmask.size(1) == (in_features + 7) / 8,
               "bitmask_linear: bitmask must be uint8 [out, ceil(in_features / 8)] = [out, ", (in_features + 7) / 8,
               "], got ", bitmask.scalar_type(), " ", bitmask.sizes());
@@ -180,83 +166,6 @@ void decode(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t
   });
 }
 
-// Rows [r0, r1) of W decoded densely into `dense` from its row 0 (fp32, or bf16 bits when `dense` is bf16).
-void decode_tile(const IsaPath& kernel, const BitmaskMatrix& w, int64_t nnz, int64_t bounced_from, int64_t r0,
-                 int64_t r1, int64_t dense_row0, at::Tensor& dense) {
-  const bool bf16 = dense.scalar_type() == at::kBFloat16;
-  std::vector<int64_t> consumed(r1 - r0, 0);
-  for_rows_in_bounds(w, nnz, bounced_from, r0, r1, [&](const BitmaskMatrix& m, int64_t b, int64_t e) {
-    const int64_t offset = (b - r0 + dense_row0) * w.in_features;
-    kernel.decode(m, b, e, 0, (w.in_features + 63) / 64,
-                  DenseTile{bf16 ? nullptr : dense.mutable_data_ptr<float>() + offset,
-                            bf16 ? reinterpret_cast<uint16_t*>(dense.mutable_data_ptr()) + offset : nullptr,
-                            w.in_features},
-                  consumed.data() + (b - r0));
-  });
-}
-
-// y columns [r0, r1) = x times the decoded tile transposed (x already in the GEMM's dtype), the bias, when given,
-// inside. y [batch, rows] is written in place, column slice by column slice: computing y^T and transposing it after
-// cost a second output-sized buffer and its copy (11264 x 2048 at batch 1024: 41 ms against 18 dense).
-void gemm_tile(int64_t r0, int64_t r1, const at::Tensor& dense, const at::Tensor& x,
-               const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  at::Tensor out = y.narrow(1, r0, r1 - r0);
-  const at::Tensor weights = dense.narrow(0, 0, r1 - r0);
-  if (bias.has_value())
-    at::addmm_out(out, bias->narrow(0, r0, r1 - r0), x, weights.t());
-  else
-    at::mm_out(out, x, weights.t());
-}
-
-// A tile buffer [rows, cols] in `options`' dtype over this thread's grow-only scratch. A fresh buffer of tens of MB
-// is mapped anew by malloc on every call and pays its page faults (46 MB: 11.8 ms, more than decoding into it); the
-// scratch keeps the largest tile this thread has decoded (freed at thread exit).
-at::Tensor scratch_tile(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  struct Freed { void operator()(void* p) const { std::free(p); } };
-  thread_local std::unique_ptr<void, Freed> buffer;
-  thread_local size_t capacity = 0;
-  const size_t bytes = (static_cast<size_t>(rows * cols) * options.dtype().itemsize() + 63) / 64 * 64;
-  if (bytes > capacity) {
-    buffer.reset();
-    buffer.reset(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(buffer, "bitmask_linear: out of memory for a ", bytes, "-byte prefill tile");
-    capacity = bytes;
-  }
-  return at::from_blob(buffer.get(), {rows, cols}, options);
-}
-
-// y [batch, rows] in tiles of tile_rows weight rows, either split across threads, each tile decoded and multiplied
-// on its own thread (threaded_gemm false), or one tile after another, decoded by all threads and multiplied by one
-// threaded GEMM (true: large tiles, where oneDNN's threaded GEMM runs near the dense one; 4096 x 11008 at 70 %, batch
-// 1024, 2 threads, Intel Xeon with AMX: tiles of 2048 rows 41.0 ms, 256 rows one per thread 45.3, dense bf16 39.9).
-// The plan measures which.
-void prefill(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const Plan& plan,
-             const at::Tensor& x, const c10::optional<at::Tensor>& bias, at::Tensor& y) {
-  const int64_t bounced_from = first_bounced_row(w, rows, nnz), tile_rows = std::min(plan.tile_rows, rows);
-  const int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  if (plan.threaded_gemm) {
-    at::Tensor dense = scratch_tile(tile_rows, w.in_features, x.options());
-    for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
-      const int64_t r1 = std::min(rows, r0 + tile_rows);
-      at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) { decode_tile(kernel, w, nnz, bounced_from, b, e, b - r0, dense); });
-      gemm_tile(r0, r1, dense, x, bias, y);
-    }
-    return;
-  }
-  // ATen calls on worker threads: OpenMP workers do not inherit this thread's inference mode, and an inference-mode
-  // y_t written from outside it is an error (vLLM's warm-up runs under torch.inference_mode with 2+ threads).
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    const at::ThreadLocalStateGuard same_state(caller_state);
-    at::Tensor dense = scratch_tile(tile_rows, w.in_features, x.options());
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t r0 = tile * tile_rows, r1 = std::min(rows, r0 + tile_rows);
-      decode_tile(kernel, w, nnz, bounced_from, r0, r1, 0, dense);
-      gemm_tile(r0, r1, dense, x, bias, y);
-    }
-  });
-}
-
 // y_t [rows padded to kAmxRows, batch padded to kAmxBatch] fp32 = W x^T on the tile unit, 32-row blocks split
 // across threads; x bf16 [batch, in] contiguous.
 at::Tensor amx(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x) {
@@ -290,9 +199,11 @@ at::Tensor amx(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int6
 }
 
 // bf16 x with bf16 values: the prefill GEMM runs in bf16 (fp32 accumulation, products exact) with the bias inside
-// it, rounding once, as the fp32 path does; anything else runs in fp32.
+// it, rounding once, as the fp32 path does; with int8 values (exact in bf16) too, the scale and bias applied after it;
+// anything else runs in fp32.
 bool bf16_gemm(at::ScalarType x, at::ScalarType values, const c10::optional<at::ScalarType>& bias) {
-  return x == at::kBFloat16 && values == at::kBFloat16 && (!bias.has_value() || *bias == at::kBFloat16);
+  return x == at::kBFloat16 &&
+         (values == at::kChar || (values == at::kBFloat16 && (!bias.has_value() || *bias == at::kBFloat16)));
 }
 
 // The plan for this call's key: measured (set_dispatch) or the default, and which path serves `batch`.
@@ -324,10 +235,14 @@ Served serve(const IsaPath& kernel, int64_t rows, int64_t in_features, int64_t n
   return Served{plan, path, bf16};
 }
 
+ValueType value_type_of(at::ScalarType values) {
+  return values == at::kBFloat16 ? ValueType::bf16 : values == at::kHalf ? ValueType::fp16 : ValueType::int8;
+}
+
 at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& bitmask_in,
                               const at::Tensor& row_offsets_in, int64_t in_features,
-                              const c10::optional<at::Tensor>& bias_in) {
-  check_inputs(x_in, values_in, bitmask_in, row_offsets_in, in_features, bias_in);
+                              const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& scales_in) {
+  check_inputs(x_in, values_in, bitmask_in, row_offsets_in, in_features, bias_in, scales_in);
   // Gradients come from the op's autograd rule (ops.py). Detached inputs keep ATen's autograd out of the calls below,
   // including those on at::parallel_for's worker threads, which a grad-mode guard of this thread would not reach.
   const at::Tensor x = x_in.detach();
@@ -335,14 +250,16 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_i
   const IsaPath& kernel = select_kernel();
   const at::Tensor values = values_in.contiguous(), bitmask = bitmask_in.contiguous(),
                    row_offsets = row_offsets_in.contiguous();
+  const c10::optional<at::Tensor> scales =
+      scales_in.has_value() ? c10::optional<at::Tensor>(scales_in->detach().contiguous()) : c10::nullopt;
   const int64_t rows = bitmask.size(0), nnz = values.numel(), batch = in_features ? x.numel() / in_features : 0;
   check_row_offsets(row_offsets.const_data_ptr<int64_t>(), rows, nnz);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
 
-  const BitmaskMatrix w{reinterpret_cast<const uint16_t*>(values.const_data_ptr()), 0,
-                        bitmask.const_data_ptr<uint8_t>(), bitmask.size(1), row_offsets.const_data_ptr<int64_t>(),
-                        in_features, values.scalar_type() == at::kBFloat16 ? ValueType::bf16 : ValueType::fp16};
+  const BitmaskMatrix w{values.const_data_ptr(), 0, bitmask.const_data_ptr<uint8_t>(), bitmask.size(1),
+                        row_offsets.const_data_ptr<int64_t>(), in_features, value_type_of(values.scalar_type()),
+                        scales.has_value() ? scales->const_data_ptr<float>() : nullptr};
   const at::Tensor x2d = x.reshape({batch, in_features});
   at::Tensor y;
   const Served served = serve(kernel, rows, in_features, nnz, x.scalar_type(), values.scalar_type(),
@@ -357,11 +274,11 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_i
     y = at::empty({batch, rows}, x.options().dtype(at::kFloat));
     decode(kernel, w, rows, nnz, x2d, y);
   } else {
-    const bool bf16 = served.bf16;
-    const at::Tensor xg = x2d.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+    const bool bias_inside = served.bf16 || scales.has_value();
+    const at::Tensor xg = x2d.to(served.bf16 ? at::kBFloat16 : at::kFloat).contiguous();
     y = at::empty({batch, rows}, xg.options());
-    prefill(kernel, w, rows, nnz, served.plan, xg, bf16 ? bias : c10::nullopt, y);
-    if (bf16) return y.view(out_shape);
+    prefill(kernel, w, rows, nnz, served.plan, xg, bias_inside ? bias : c10::nullopt, scales, y);
+    if (bias_inside) return y.to(x.scalar_type()).contiguous().view(out_shape);
   }
   if (bias.has_value()) y = y.add(bias->to(at::kFloat));
   return y.to(x.scalar_type()).contiguous().view(out_shape);
@@ -400,8 +317,8 @@ std::string served_path(int64_t rows, int64_t in_features, int64_t nnz, at::Scal
 }  // namespace absorbdeploy
 
 TORCH_LIBRARY(absorbdeploy, m) {
-  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias) "
-        "-> Tensor");
+  m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias, "
+        "Tensor? scales=None) -> Tensor");
   m.def("kernel_paths() -> str[]", &absorbdeploy::kernel_paths);
   m.def("kernel_active_path() -> str", &absorbdeploy::kernel_active_path);
   m.def("dispatch_key(int rows, int in_features, int nnz, ScalarType x, ScalarType values) -> str",

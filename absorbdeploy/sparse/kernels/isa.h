@@ -4,7 +4,8 @@
 // then its IsaPath) plus its row in kIsaTable; a new values dtype is one ValueType plus its arithmetic in each path.
 //
 // The weight W [rows, in_features] is stored as absorbdeploy/sparse/codec.py::compress_bitmask writes it:
-//   values      [nnz] bf16 or fp16 bits, the non-zeros of W in row-major order,
+//   values      [nnz] bf16 or fp16 bits, or int8 (W = scales[r] * q), the non-zeros of W in row-major order,
+//   scales      [rows] fp32, int8 values only: symmetric per-output-channel scales (codec.quantize_values),
 //   bitmask     [rows, mask_stride] uint8, bit j of row r set iff W[r, j] != 0, little-endian along the input dim,
 //   row_offsets [rows] int64, index in values of each row's first non-zero.
 #pragma once
@@ -15,24 +16,32 @@
 
 namespace absorbdeploy {
 
-enum class ValueType { bf16, fp16 };  // codec.VALUES_DTYPES: bfloat16, float16
+enum class ValueType { bf16, fp16, int8 };  // codec.VALUES_DTYPES: bfloat16, float16, int8
 
-// Every kernel may read up to kValueOverread values past the end of a row's non-zeros (full-width vector loads);
-// the caller guarantees those reads stay inside `values` (bitmask_linear.cpp bounces the last rows).
-constexpr int64_t kValueOverread = 32;
+// How each values dtype is stored: 16-bit patterns, or signed bytes.
+template <ValueType VT>
+using Stored = std::conditional_t<VT == ValueType::int8, int8_t, uint16_t>;
+
+inline int64_t value_bytes(ValueType value_type) { return value_type == ValueType::int8 ? 1 : 2; }
+
+// Every kernel may read up to kValueOverread values past the end of a row's non-zeros (full-width vector loads: 64
+// bytes, 32 16-bit or 64 int8 values); the caller guarantees those reads stay inside `values` (bitmask_linear.cpp
+// bounces the last rows).
+constexpr int64_t kValueOverread = 64;
 // x is handed to the decode kernels as fp32 rows padded with zeros to a multiple of kXBlock columns.
 constexpr int64_t kXBlock = 64;
 // The decode path processes at most this many batch rows per pass over a weight row.
 constexpr int kMaxBatchGroup = 4;
 
 struct BitmaskMatrix {
-  const uint16_t* values;      // row r's non-zeros start at values[row_offsets[r] - values_origin]
+  const void* values;          // row r's non-zeros start at values[row_offsets[r] - values_origin] (Stored<VT>)
   int64_t values_origin;
   const uint8_t* bitmask;
   int64_t mask_stride;         // bytes per bitmask row, ceil(in_features / 8)
   const int64_t* row_offsets;
   int64_t in_features;
   ValueType value_type;
+  const float* scales;         // [rows] for int8 values, else nullptr: each row's sum is multiplied by its scale
 };
 
 // x: fp32 [batch, x_stride] in the column order the path asks for (x_column_avx512; natural for the others),
@@ -47,7 +56,8 @@ struct DecodeOutput {
 };
 
 // Rows [row_begin, row_end) of W written densely, row r at (r - row_begin) * stride: as fp32 into `fp32`, or, when
-// that is null, as the values' own 16-bit patterns into `bits16` (zeros where the bitmask is clear).
+// that is null, as bf16/fp16 patterns into `bits16` (the values' own for bf16/fp16, bf16 for int8: exact), zeros where
+// the bitmask is clear. int8 values are written unscaled (q, not scales[r] * q): the tiled path scales y's columns.
 struct DenseTile {
   float* fp32;
   uint16_t* bits16;
@@ -89,6 +99,7 @@ inline void with_value_type(ValueType value_type, F&& fn) {
   switch (value_type) {
     case ValueType::bf16: fn(ValueTag<ValueType::bf16>{}); break;
     case ValueType::fp16: fn(ValueTag<ValueType::fp16>{}); break;
+    case ValueType::int8: fn(ValueTag<ValueType::int8>{}); break;
   }
 }
 
@@ -96,13 +107,18 @@ inline void with_value_type(ValueType value_type, F&& fn) {
 // 2 threads, right after a dense fp32 GEMV: 1.83 ms without, 0.85-0.88 ms at 16-32 KiB ahead, 1.3 ms at 4 KiB.
 constexpr int64_t kPrefetchValueBytes = 16384, kPrefetchMaskBytes = 4096;
 
-inline void prefetch_ahead(const uint16_t* values, const uint8_t* mask) {  // integer arithmetic: may pass the end
+inline void prefetch_ahead(const void* values, const uint8_t* mask) {  // integer arithmetic: may pass the end
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(values) + kPrefetchValueBytes));
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(mask) + kPrefetchMaskBytes));
 }
 
 // Where row r's non-zeros and its bitmask bytes start.
-inline const uint16_t* row_values(const BitmaskMatrix& w, int64_t r) { return w.values + (w.row_offsets[r] - w.values_origin); }
+template <ValueType VT>
+inline const Stored<VT>* row_values(const BitmaskMatrix& w, int64_t r) {
+  return static_cast<const Stored<VT>*>(w.values) + (w.row_offsets[r] - w.values_origin);
+}
+// What row r's sum is multiplied by before it is stored (1 for bf16/fp16 values: exact).
+inline float row_scale(const BitmaskMatrix& w, int64_t r) { return w.scales ? w.scales[r] : 1.0f; }
 inline const uint8_t* row_mask(const BitmaskMatrix& w, int64_t r) { return w.bitmask + r * w.mask_stride; }
 
 inline uint64_t load_word(const uint8_t* bytes) {

@@ -1,5 +1,6 @@
 // AVX-512 path (avx512f + bw + vl + dq + vbmi2): each 32-bit chunk of a row's bitmask expands the next popcount
-// packed 16-bit values into 32 lanes with vpexpandw, widened to fp32 and fused-multiply-added with x.
+// packed 16-bit values into 32 lanes with vpexpandw (int8 values: each 64-bit word, 64 lanes with vpexpandb), widened
+// to fp32 and fused-multiply-added with x.
 #if defined(__x86_64__)
 
 #include <immintrin.h>
@@ -7,7 +8,7 @@
 #include "isa.h"
 
 #define AVX512_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,bmi,bmi2,popcnt,fma,f16c")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,bmi,bmi2,popcnt,fma,f16c")))
 
 namespace absorbdeploy {
 
@@ -17,11 +18,12 @@ bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+         __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
 }
 
 int64_t x_column_avx512(ValueType value_type, int64_t position) {
-  if (value_type == ValueType::fp16) return position;
+  if (value_type != ValueType::bf16) return position;
   return position < 16 ? 2 * position : 2 * (position - 16) + 1;  // bf16: even columns, then odd ones (see widen)
 }
 
@@ -34,6 +36,43 @@ AVX512_TARGET inline __m512i expand32(uint32_t bits, const uint16_t* v) {
   __asm__("" : "+v"(packed));  // keeps the load a plain load, not folded into vpexpandw's memory form
   return _mm512_maskz_expand_epi16(__mmask32(bits), packed);
 }
+
+// The 64 columns whose mask is `bits` as int8 in column order: vpexpandb of the next 64 packed values (64 bytes read
+// at v, kept in bounds by the caller), after a plain load as in expand32.
+AVX512_TARGET inline __m512i expand64(uint64_t bits, const int8_t* v) {
+  __m512i packed = _mm512_loadu_si512(v);
+  __asm__("" : "+v"(packed));
+  return _mm512_maskz_expand_epi8(__mmask64(bits), packed);
+}
+
+// 16 int8 lanes (quarter q of an expanded word) -> fp32, exact.
+AVX512_TARGET inline __m512 int8_quarter(__m512i expanded, int q) {
+  __m128i quarter;
+  switch (q) {
+    case 0: quarter = _mm512_castsi512_si128(expanded); break;
+    case 1: quarter = _mm512_extracti32x4_epi32(expanded, 1); break;
+    case 2: quarter = _mm512_extracti32x4_epi32(expanded, 2); break;
+    default: quarter = _mm512_extracti32x4_epi32(expanded, 3); break;
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(quarter));
+}
+
+// int8 values are widened for the fused path by one vpermb per 16 columns that moves each byte to the top byte of its
+// fp32 lane (zeros below), so vcvtdq2ps yields q * 2^24 exactly; kWidenScale undoes the 2^24 with the row's scale.
+// That spares the extract and sign extension of each quarter (3 -> 2 vector instructions per 16 columns).
+struct QuarterIndex {
+  alignas(64) uint8_t bytes[4][64];
+};
+constexpr QuarterIndex make_quarter_index() {
+  QuarterIndex t{};
+  for (int q = 0; q < 4; ++q)
+    for (int p = 0; p < 64; ++p) t.bytes[q][p] = p % 4 == 3 ? uint8_t(16 * q + p / 4) : 0;
+  return t;
+}
+constexpr QuarterIndex kQuarterIndex = make_quarter_index();
+constexpr __mmask64 kTopBytes = 0x8888888888888888ull;
+template <ValueType VT>
+constexpr float kWidenScale = VT == ValueType::int8 ? 0x1p-24f : 1.0f;
 
 // An expanded chunk -> two fp32 vectors. bf16: the even columns (shifted into the high half) and the odd columns
 // (masked in place), so x comes deinterleaved (see x_column_avx512); fp16: vcvtph2ps of columns 0-15 and 16-31.
@@ -59,15 +98,22 @@ AVX512_TARGET inline __m512 to_fp32(__m256i values) {
 
 // The 64 columns whose mask is `bits` as four fp32 vectors (lane order of expand32/widen); advances v past them.
 template <ValueType VT>
-AVX512_TARGET inline void decode64(uint64_t bits, const uint16_t*& v, __m512 (&out)[4]) {
-  const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
-  widen<VT>(expand32(lo, v), out[0], out[1]);
-  widen<VT>(expand32(hi, v + _mm_popcnt_u32(lo)), out[2], out[3]);
+AVX512_TARGET inline void decode64(uint64_t bits, const Stored<VT>*& v, __m512 (&out)[4]) {
+  if constexpr (VT == ValueType::int8) {
+    const __m512i expanded = expand64(bits, v);
+    for (int q = 0; q < 4; ++q)
+      out[q] = _mm512_cvtepi32_ps(
+          _mm512_maskz_permutexvar_epi8(kTopBytes, _mm512_load_si512(kQuarterIndex.bytes[q]), expanded));
+  } else {
+    const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
+    widen<VT>(expand32(lo, v), out[0], out[1]);
+    widen<VT>(expand32(hi, v + _mm_popcnt_u32(lo)), out[2], out[3]);
+  }
   v += _mm_popcnt_u64(bits);
 }
 
 template <ValueType VT, int R, int NB, int A>
-AVX512_TARGET inline void accumulate_word(const uint64_t (&bits)[R], const uint16_t* (&v)[R], const float* x,
+AVX512_TARGET inline void accumulate_word(const uint64_t (&bits)[R], const Stored<VT>* (&v)[R], const float* x,
                                           int64_t x_stride, __m512 (&acc)[R][NB][A]) {
   __m512 wv[R][4];
   for (int i = 0; i < R; ++i) decode64<VT>(bits[i], v[i], wv[i]);
@@ -86,9 +132,9 @@ AVX512_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x
                               int64_t y_stride) {
   constexpr int A = R * NB <= 2 ? 4 : R * NB <= 4 ? 2 : 1;
   __m512 acc[R][NB][A] = {};
-  const uint16_t* v[R];
+  const Stored<VT>* v[R];
   const uint8_t* mask[R];
-  for (int i = 0; i < R; ++i) v[i] = row_values(w, r0 + i), mask[i] = row_mask(w, r0 + i);
+  for (int i = 0; i < R; ++i) v[i] = row_values<VT>(w, r0 + i), mask[i] = row_mask(w, r0 + i);
   const int64_t full = w.in_features / 64;
   uint64_t bits[R];
   for (int64_t word = 0; word < full; ++word) {
@@ -106,36 +152,61 @@ AVX512_TARGET void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x
     for (int b = 0; b < NB; ++b) {
       __m512 sum = acc[i][b][0];
       for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[i][b][a]);
-      y[b * y_stride + r0 + i] = _mm512_reduce_add_ps(sum);
+      y[b * y_stride + r0 + i] = _mm512_reduce_add_ps(sum) * kWidenScale<VT> * row_scale(w, r0 + i);
     }
 }
 
-// One 64-column word (see isa_driver.h's decode_rows): two vpexpandw chunks, stored masked past `columns`.
+// 16 fp32 lanes holding int8 values -> their bf16 patterns (exact: the top halves).
+AVX512_TARGET inline __m256i bf16_of_integers(__m512 f) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16));
+}
+
+// `n` (clamped to 0..16) fp32 or 16-bit lanes stored at out.
+AVX512_TARGET inline void store16(float* out, __m512 f, int64_t n) {
+  if (n >= 16)
+    _mm512_storeu_ps(out, f);
+  else if (n > 0)
+    _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), f);
+}
+AVX512_TARGET inline void store16(uint16_t* out, __m256i h, int64_t n) {
+  if (n >= 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+  else if (n > 0)
+    _mm256_mask_storeu_epi16(out, __mmask16((1u << n) - 1), h);
+}
+
+// One 64-column word (see isa_driver.h's decode_rows), stored masked past `columns`: two vpexpandw chunks, or one
+// vpexpandb word for int8 values (unscaled; bf16 tiles get their exact bf16 patterns).
 template <ValueType VT>
-AVX512_TARGET inline void decode_word(uint64_t bits, const uint16_t*& v, const DenseTile& dense, int64_t at,
+AVX512_TARGET inline void decode_word(uint64_t bits, const Stored<VT>*& v, const DenseTile& dense, int64_t at,
                                       int64_t columns) {
-  const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
-  const __m512i chunk[2] = {expand32(lo, v), expand32(hi, v + _mm_popcnt_u32(lo))};
-  v += _mm_popcnt_u64(bits);
-  for (int h = 0; h < 2; ++h) {
-    if (dense.fp32) {
-      const __m512 f[2] = {to_fp32<VT>(_mm512_castsi512_si256(chunk[h])),
-                           to_fp32<VT>(_mm512_extracti64x4_epi64(chunk[h], 1))};
-      for (int i = 0; i < 2; ++i) {
-        const int64_t n = columns - 32 * h - 16 * i;
-        float* out = dense.fp32 + at + 32 * h + 16 * i;
-        if (n >= 16)
-          _mm512_storeu_ps(out, f[i]);
+  if constexpr (VT == ValueType::int8) {
+    const __m512i expanded = expand64(bits, v);
+    v += _mm_popcnt_u64(bits);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 f = int8_quarter(expanded, q);
+      if (dense.fp32)
+        store16(dense.fp32 + at + 16 * q, f, columns - 16 * q);
+      else
+        store16(dense.bits16 + at + 16 * q, bf16_of_integers(f), columns - 16 * q);
+    }
+  } else {
+    const uint32_t lo = uint32_t(bits), hi = uint32_t(bits >> 32);
+    const __m512i chunk[2] = {expand32(lo, v), expand32(hi, v + _mm_popcnt_u32(lo))};
+    v += _mm_popcnt_u64(bits);
+    for (int h = 0; h < 2; ++h) {
+      if (dense.fp32) {
+        store16(dense.fp32 + at + 32 * h, to_fp32<VT>(_mm512_castsi512_si256(chunk[h])), columns - 32 * h);
+        store16(dense.fp32 + at + 32 * h + 16, to_fp32<VT>(_mm512_extracti64x4_epi64(chunk[h], 1)),
+                columns - 32 * h - 16);
+      } else {
+        const int64_t n = columns - 32 * h;
+        uint16_t* out = dense.bits16 + at + 32 * h;
+        if (n >= 32)
+          _mm512_storeu_si512(out, chunk[h]);
         else if (n > 0)
-          _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), f[i]);
+          _mm512_mask_storeu_epi16(out, __mmask32((uint64_t(1) << n) - 1), chunk[h]);
       }
-    } else {
-      const int64_t n = columns - 32 * h;
-      uint16_t* out = dense.bits16 + at + 32 * h;
-      if (n >= 32)
-        _mm512_storeu_si512(out, chunk[h]);
-      else if (n > 0)
-        _mm512_mask_storeu_epi16(out, __mmask32((uint64_t(1) << n) - 1), chunk[h]);
     }
   }
 }
@@ -146,7 +217,8 @@ AVX512_TARGET inline void decode_word(uint64_t bits, const uint16_t*& v, const D
 }  // namespace
 
 // The AVX-512 path wants x in its lane order: position p of each 32-column block holds column x_column_avx512(p).
-const IsaPath kIsaAvx512 = {"avx512", "x86-64 with avx512f, avx512bw, avx512vl, avx512dq, avx512vbmi2, bmi2", 2,
+const IsaPath kIsaAvx512 = {"avx512",
+                            "x86-64 with avx512f, avx512bw, avx512vl, avx512dq, avx512vbmi, avx512vbmi2, bmi2", 2,
                             cpu_has_avx512, gemv_entry, decode_entry, x_column_avx512};
 
 }  // namespace absorbdeploy

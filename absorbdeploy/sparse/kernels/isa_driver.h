@@ -38,8 +38,8 @@ template <ValueType VT>
 ISA_TARGET void decode_rows(const BitmaskMatrix& w, int64_t row_begin, int64_t row_end, int64_t word_begin,
                             int64_t word_end, const DenseTile& dense, int64_t* consumed) {
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const uint16_t* const start = row_values(w, r) + consumed[r - row_begin];
-    const uint16_t* v = start;
+    const Stored<VT>* const start = row_values<VT>(w, r) + consumed[r - row_begin];
+    const Stored<VT>* v = start;
     const int64_t row = (r - row_begin) * dense.stride;
     for (int64_t word = word_begin; word < word_end; ++word) {
       prefetch_ahead(v, row_mask(w, r) + 8 * word);

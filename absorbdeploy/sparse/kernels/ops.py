@@ -15,52 +15,57 @@ import torch
 
 from absorbdeploy.sparse.codec import unpack_bits
 
-SCHEMA = "(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias) -> Tensor"
+SCHEMA = ("(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias, "
+          "Tensor? scales=None) -> Tensor")
 ISA_VARIABLE = "ABSORBDEPLOY_KERNEL_ISA"
 _state: dict = {}
 _lock = threading.Lock()
 
 
-def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, bias=None):
+def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None):
     """y = x @ W^T (+ bias) by decoding W densely with torch ops; needs no compiler.
 
-    x [..., in_features] fp32/bf16/fp16; values [nnz] bf16/fp16; bitmask uint8 [out, ceil(in_features / 8)];
+    x [..., in_features] fp32/bf16/fp16; values [nnz] bf16/fp16, or int8 with `scales` fp32 [out] (W[r] = scales[r] *
+    q[r], symmetric per output channel: codec.quantize_values); bitmask uint8 [out, ceil(in_features / 8)];
     row_offsets int64 [out] (implied by the bitmask, so unused here); bias [out] or None.
-    Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz.
+    Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz
+    or int8 values come without scales.
     """
-    y = x.float() @ _dense_fp32(values, bitmask, in_features).T
+    y = x.float() @ _dense_fp32(values, bitmask, in_features, scales).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
-def _dense_fp32(values, bitmask, in_features: int):
-    """W [out, in_features] in fp32 from the packed values and the bitmask."""
+def _dense_fp32(values, bitmask, in_features: int, scales=None):
+    """W [out, in_features] in fp32 from the packed values and the bitmask (int8 values times their row's scale)."""
+    if (values.dtype == torch.int8) != (scales is not None):
+        raise RuntimeError("bitmask_linear: int8 values need their scales and only they take scales")
     dense = torch.zeros(bitmask.shape[0], in_features, dtype=torch.float32, device=values.device)
     dense[unpack_bits(bitmask, in_features)] = values.float()
-    return dense
+    return dense if scales is None else dense * scales.float().unsqueeze(1)
 
 
-def _fake(x, values, bitmask, row_offsets, in_features, bias=None):
+def _fake(x, values, bitmask, row_offsets, in_features, bias=None, scales=None):
     return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, values, bitmask, _, in_features, bias = inputs
-    ctx.save_for_backward(values, bitmask)
+    x, values, bitmask, _, in_features, bias, *rest = inputs
+    ctx.save_for_backward(values, bitmask, rest[0] if rest else None)
     ctx.in_features, ctx.x_dtype = in_features, x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
     """dL/dx = dL/dy @ W (W decoded densely in fp32, once per backward); dL/dbias = dL/dy summed over the batch."""
-    values, bitmask = ctx.saved_tensors
+    values, bitmask, scales = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = (grad.float() @ _dense_fp32(values, bitmask, ctx.in_features)).to(ctx.x_dtype)
+        grad_x = (grad.float() @ _dense_fp32(values, bitmask, ctx.in_features, scales)).to(ctx.x_dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, grad_bias, None
 
 
 def _check_no_forced_path() -> None:
@@ -70,9 +75,9 @@ def _check_no_forced_path() -> None:
                            "machine (see the earlier warning); unset it to use the pure-torch reference")
 
 
-def _reference_kernel(x, values, bitmask, row_offsets, in_features, bias=None):
+def _reference_kernel(x, values, bitmask, row_offsets, in_features, bias=None, scales=None):
     _check_no_forced_path()
-    return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias)
+    return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias, scales)
 
 
 def _define_in_python() -> None:
@@ -105,7 +110,7 @@ def ensure_loaded() -> str:
         return _state["backend"]
 
 
-def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None):
+def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None):
     """y = x @ W^T (+ bias) through torch.ops.absorbdeploy.bitmask_linear (loaded on first call).
 
     Shapes and dtypes as in `bitmask_linear_reference`; row_offsets must be the exclusive cumulative sum of the
@@ -114,7 +119,7 @@ def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None)
     """
     if not torch.compiler.is_compiling():
         ensure_loaded()
-    return torch.ops.absorbdeploy.bitmask_linear(x, values, bitmask, row_offsets, in_features, bias)
+    return torch.ops.absorbdeploy.bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales)
 
 
 def available_paths() -> list[str]:

@@ -92,9 +92,10 @@ def _seconds(fn) -> float:
     return statistics.median(times)
 
 
-def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype) -> dict:
+def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype, scales=None) -> dict:
     """Time the paths on these packed weights; returns {"fused_max_batch", "amx_max_batch", "tile_rows", "seconds",
-    "timings"} (timings: batch -> {path: seconds}). Leaves the plan set in the C++ table under the weights' key."""
+    "timings"} (timings: batch -> {path: seconds}). Leaves the plan set in the C++ table under the weights' key.
+    `scales`: fp32 [out] for int8 values, else None."""
     op = torch.ops.absorbdeploy
     rows, nnz = bitmask.shape[0], values.numel()
     key = op.dispatch_key(rows, in_features, nnz, x_dtype, values.dtype)
@@ -106,7 +107,7 @@ def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype
     def timed(batch: int, path: str, tiling: tuple) -> float:
         x = torch.randn(batch, in_features, generator=g).to(x_dtype)
         op.set_dispatch(key, *forcing[path], *tiling)
-        return _seconds(lambda: op.bitmask_linear(x, values, bitmask, row_offsets, in_features, None))
+        return _seconds(lambda: op.bitmask_linear(x, values, bitmask, row_offsets, in_features, None, scales))
 
     # a tile taller than the matrix is the whole matrix: the smallest such height stands for all of them
     whole = min((t for t in TILE_ROWS if t >= rows), default=None)
@@ -135,7 +136,7 @@ def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype
             "timings": {str(b): {p: round(t, 7) for p, t in v.items()} for b, v in timings.items()}}
 
 
-def ensure_planned(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype) -> str:
+def ensure_planned(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype, scales=None) -> str:
     """Make sure the C++ table has a measured plan for these weights called with x of `x_dtype`: read from the cache
     file, else measured now and stored. Returns the key. Does nothing when a path is forced (ABSORBDEPLOY_KERNEL_PATH)
     or the op runs on the reference; needs the weights on the CPU."""
@@ -152,7 +153,7 @@ def ensure_planned(values, bitmask, row_offsets, in_features: int, x_dtype: torc
         _load_cached(path)
         if not op.dispatch_measured(key):
             with torch.no_grad():
-                plan = measure(values, bitmask, row_offsets, in_features, x_dtype)
+                plan = measure(values, bitmask, row_offsets, in_features, x_dtype, scales)
             _store(path, key, plan)
     return key
 

@@ -15,11 +15,25 @@ from absorbdeploy.sparse.linear import BitmaskLinear, resident_weight_bytes
 from tests.tiny.test_exporters import IDS, pruned_tiny
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+@pytest.fixture(scope="module", params=["bfloat16", "float16", "int8"])
 def exported(request, tmp_path_factory):
-    model, tokenizer, spec = pruned_tiny(request.param)
+    """(the model the export must equal, its directory, the values dtype); int8 values are compared with the pruned
+    model whose weights are what int8 stores, decoded (q * scale)."""
+    import copy
+    import dataclasses
+
+    from absorbdeploy.sparse.codec import quantize_values
+
+    int8 = request.param == "int8"
+    model, tokenizer, spec = pruned_tiny("bfloat16" if int8 else request.param)
     out = tmp_path_factory.mktemp("bitmask") / "bitmask"
-    exporters.get("bitmask").export(model, tokenizer, out, spec("bitmask"))
+    exporters.get("bitmask").export(model, tokenizer, out, dataclasses.replace(spec("bitmask"), values="int8" if int8 else "auto"))
+    if int8:
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            for name in spec("bitmask").prunable:
+                q, scales = quantize_values(model.get_parameter(name))
+                model.get_parameter(name).copy_(q.float() * scales.unsqueeze(1))
     return model, out, request.param
 
 
@@ -55,6 +69,7 @@ def test_casting_the_model_keeps_the_stored_values(exported):
     loaded = _load(out, dtype=torch.bfloat16).to(torch.float32)
     module = loaded.model.layers[0].self_attn.q_proj
     assert module.compressed.dtype == getattr(torch, dtype) and loaded.model.norm.weight.dtype == torch.float32
+    assert module.weight_scale is None or module.weight_scale.dtype == torch.float32
     before = module.compressed.clone()
     module.half()  # transformers refuses .half() on a quantized model as a whole; the module keeps its bytes anyway
     assert torch.equal(module.compressed, before)
@@ -105,7 +120,10 @@ def test_the_quantizer_refuses_a_damaged_checkpoint_naming_the_module(exported, 
 def _pack_norm(state):
     from absorbdeploy.sparse.codec import compress_bitmask
 
-    return {**state, **{f"model.norm.{p}": v for p, v in compress_bitmask(torch.eye(4)).items()}}
+    parts = compress_bitmask(torch.eye(4))
+    if any(k.endswith(".weight_scale") for k in state):  # int8 values: the norm packed as they are
+        parts = {**compress_bitmask(torch.eye(4, dtype=torch.int8)), "weight_scale": torch.ones(4)}
+    return {**state, **{f"model.norm.{p}": v for p, v in parts.items()}}
 
 
 def test_models_and_configs_pickle_deep_copy_and_save(exported, tmp_path):

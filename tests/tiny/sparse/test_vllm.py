@@ -195,3 +195,28 @@ def test_register_is_the_idempotent_plugin(vllm):
     vllm.door.register()
     assert QUANTIZATION_METHODS.count("absorbdeploy-bitmask") == 1
     assert get_quantization_config("absorbdeploy-bitmask") is vllm.door.BitmaskConfig
+
+
+def test_int8_values_fuse_cut_and_compute_with_their_scales(vllm):
+    """q|k|v with int8 values: each shard's per-row scales stacked with its rows, the product the dequantized
+    weights'; tensor-parallel cuts keep each row's scale (rows: theirs; columns: all)."""
+    from absorbdeploy.sparse.codec import encode
+
+    config = vllm.door.BitmaskConfig.from_config(FormatConfig(targets=TARGETS, values_dtype="int8").to_dict())
+    config.packed_modules_mapping = FUSED
+    layer = _qkv(vllm, config)
+    shards = {"q": _sparse(128, 128, 1).float(), "k": _sparse(64, 128, 2).float(), "v": _sparse(64, 128, 3).float()}
+    packed = {s: encode(w, "sparse-bitmask", "int8") for s, w in shards.items()}
+    for shard_id, parts in packed.items():
+        for part, tensor in parts.items():
+            param = getattr(layer, part)
+            param.weight_loader(param, tensor, shard_id)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.compressed.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
+    dense = torch.cat([decompress_bitmask(packed[s]) for s in ("q", "k", "v")])
+    _assert_product(layer, dense)
+    w = decompress_bitmask(packed["q"])
+    for rank in range(2):
+        column, row = _rank(vllm.ColumnParallelLinear, rank, 2), _rank(vllm.RowParallelLinear, rank, 2)
+        assert torch.equal(decompress_bitmask(vllm.door._shard(column, None, packed["q"])), w[64 * rank: 64 * (rank + 1)])
+        assert torch.equal(decompress_bitmask(vllm.door._shard(row, None, packed["q"])), w[:, 64 * rank: 64 * (rank + 1)])

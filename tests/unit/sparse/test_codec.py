@@ -116,3 +116,55 @@ def test_version_2_names_its_weights_through_the_index_and_version_1_does_not():
     assert not codec.names_weights_index({**codec.FormatConfig(("a",)).to_dict(), "version": 1})
     assert not codec.names_weights_index({"quant_method": "compressed-tensors", "version": 2})
     assert not codec.names_weights_index(None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 30), columns=st.integers(1, 90), density=st.floats(0, 1), seed=st.integers(0, 10**6),
+       spread=st.floats(-20, 20))
+def test_int8_values_keep_the_mask_and_err_by_at_most_half_a_step(rows, columns, density, seed, spread):
+    """Symmetric per-channel int8 from the kept weights: q in [-127, 127], each row's largest |w| maps to 127, a kept
+    weight never becomes zero (the bitmask is the pruning mask), and every weight errs by at most half its row's step
+    (a step where rounding to zero was refused)."""
+    from absorbdeploy.sparse.codec import SCALE_PART, encode, quantize_values
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, columns, generator=g) * 10.0 ** spread * (torch.rand(rows, columns, generator=g) < density)
+    q, scales = quantize_values(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float32 and bool((q.abs() <= 127).all())
+    assert torch.equal(q != 0, w != 0)
+    kept = (w != 0).any(1)
+    assert torch.equal(q.abs().amax(1)[kept], torch.full((int(kept.sum()),), 127, dtype=torch.int8))
+    assert bool((scales[~kept] == 1).all())
+    error = (q.float() * scales.unsqueeze(1) - w).abs()
+    allowed = torch.where(w.abs() < scales.unsqueeze(1) / 2, 1.0, 0.5 * (1 + 1e-5)) * scales.unsqueeze(1)
+    assert bool((error <= allowed).all())
+    parts = encode(w, "sparse-bitmask", "int8")
+    assert torch.equal(parts["compressed"], q[q != 0]) and torch.equal(parts[SCALE_PART], scales)
+    assert torch.equal(decompress_bitmask(parts), q.float() * scales.unsqueeze(1))
+
+
+def test_int8_scales_follow_row_and_column_shards():
+    from absorbdeploy.sparse.codec import SCALE_PART, concat_rows, encode, slice_columns, slice_rows
+
+    w = torch.randn(12, 32) * (torch.rand(12, 32) < 0.5)
+    parts = encode(w, "sparse-bitmask", "int8")
+    dense = decompress_bitmask(parts)
+    assert torch.equal(decompress_bitmask(slice_rows(parts, 3, 9)), dense[3:9])
+    assert torch.equal(decompress_bitmask(slice_columns(parts, 8, 24)), dense[:, 8:24])
+    fused = concat_rows([slice_rows(parts, 0, 5), slice_rows(parts, 5, 12)])
+    assert torch.equal(fused[SCALE_PART], parts[SCALE_PART]) and torch.equal(decompress_bitmask(fused), dense)
+    with pytest.raises(ValueError, match="all have scales"):
+        concat_rows([slice_rows(parts, 0, 5), compress_bitmask(w[5:].bfloat16())])
+    with pytest.raises(PackedFormatError, match="sparse-bitmask layout only"):
+        encode(torch.zeros(4, 8), "sparse-24-bitmask", "int8")
+
+
+def test_int8_config_declares_its_scales_and_a_mismatch_is_refused():
+    int8 = codec.FormatConfig(("m",), values_dtype="int8")
+    assert int8.to_dict()["scale_layout"] == "per-channel" and int8.parts[-1] == "weight_scale"
+    assert codec.FormatConfig.from_dict(int8.to_dict()) == int8
+    assert "scale_layout" not in codec.FormatConfig(("m",)).to_dict()
+    for bad in ({**int8.to_dict(), "scale_layout": "per-group-128"}, {**int8.to_dict(), "scale_layout": None},
+                {**codec.FormatConfig(("m",)).to_dict(), "scale_layout": "per-channel"}):
+        with pytest.raises(PackedFormatError, match="scale_layout"):
+            codec.FormatConfig.from_dict(bad)

@@ -103,3 +103,44 @@ def test_targets_and_tensors_must_name_the_same_modules():
         integrity.check_targets(["a"], names)
     with pytest.raises(PackedFormatError, match=r"^a: .* has no a.bitmask"):
         integrity.check_targets(["a", "b"], [n for n in names if n != "a.bitmask"])
+
+
+def packed_int8(rows=6, columns=21, density=0.4, seed=0) -> dict:
+    from absorbdeploy.sparse.codec import encode
+
+    g = torch.Generator().manual_seed(seed)
+    return encode(torch.randn(rows, columns, generator=g) * (torch.rand(rows, columns, generator=g) < density),
+                  "sparse-bitmask", "int8")
+
+
+def _scale(parts, row, value):
+    parts["weight_scale"][row] = value
+    return parts
+
+
+INT8_DAMAGE = {
+    "no scales": (lambda p: {k: v for k, v in p.items() if k != "weight_scale"}, "has no model.layers.0.mlp.up_proj.weight_scale"),
+    "bf16 scales": (lambda p: {**p, "weight_scale": p["weight_scale"].bfloat16()}, "weight_scale: dtype bfloat16, the format stores float32"),
+    "one scale short": (lambda p: {**p, "weight_scale": p["weight_scale"][:-1]}, "weight_scale: shape [5], a [6, 21] matrix needs [6]"),
+    "a zero scale": (lambda p: _scale(p, 2, 0.0), "weight_scale: row 2 has scale 0.0"),
+    "a NaN scale": (lambda p: _scale(p, 4, float("nan")), "weight_scale: row 4 has scale nan"),
+    "an infinite scale": (lambda p: _scale(p, 1, float("inf")), "weight_scale: row 1 has scale inf"),
+    "bf16 values": (lambda p: {**p, "compressed": p["compressed"].bfloat16()}, "compressed: dtype bfloat16, the format stores int8"),
+}
+
+
+@pytest.mark.parametrize("damage", list(INT8_DAMAGE))
+def test_int8_scales_are_checked_like_every_other_part(damage):
+    integrity.check_packed(NAME, packed_int8(), "int8", 6, 21)
+    harm, expected = INT8_DAMAGE[damage]
+    with pytest.raises(PackedFormatError) as refused:
+        integrity.check_packed(NAME, harm(packed_int8()), "int8", 6, 21)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_scales_where_the_values_take_none_are_refused():
+    with pytest.raises(PackedFormatError, match="up_proj.weight_scale: not a part of bfloat16 values"):
+        integrity.check_packed(NAME, {**packed(), "weight_scale": torch.ones(6)}, "bfloat16", 6, 21)
+    names = [f"a.{p}" for p in PARTS]
+    with pytest.raises(PackedFormatError, match=r"^a: .* has no a.weight_scale"):
+        integrity.check_targets(["a"], names, "int8")

@@ -1,7 +1,7 @@
-"""absorbdeploy::bitmask_linear against x @ W^T in fp32 from the same rounded 16-bit inputs: every ISA path this CPU
-has and the pure-torch reference, each forced through both kernel paths (fused and tiled, ABSORBDEPLOY_KERNEL_PATH) and
-the default plan, odd shapes and sparsities, torch.compile, path forcing, and the fallback to the reference when the
-build fails."""
+"""absorbdeploy::bitmask_linear against x @ W^T in fp32 from the same rounded 16-bit inputs (or, for int8 values, the
+dequantized weights q * scale): every ISA path this CPU has and the pure-torch reference, each forced through both
+kernel paths (fused and tiled, ABSORBDEPLOY_KERNEL_PATH) and the default plan, odd shapes and sparsities, extreme scales,
+torch.compile, path forcing, and the fallback to the reference when the build fails."""
 
 import os
 import subprocess
@@ -14,16 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from absorbdeploy.sparse import kernels
-from absorbdeploy.sparse.codec import compress_bitmask
+from absorbdeploy.sparse.codec import SCALE_PART, compress_bitmask, encode, quantize_values
 
 PATHS = ["avx512", "avx2", "scalar", "reference"]
 KERNEL_PATHS = ["fused", "amx", "tiled", "auto"]
-VALUE_DTYPES = [torch.bfloat16, torch.float16]
+VALUE_DTYPES = [torch.bfloat16, torch.float16, torch.int8]
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # The CPU features each compiled path checks for (isa_<name>.cpp, __builtin_cpu_supports), as /proc/cpuinfo spells them.
-CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "bmi2", "popcnt"},
+CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi", "avx512_vbmi2", "bmi2",
+                        "popcnt"},
              "avx2": {"avx2", "fma", "f16c", "bmi2", "popcnt"}, "scalar": set()}
 
 
@@ -56,22 +57,35 @@ def path(request, monkeypatch):
 
 
 def make_weight(out, inn, sparsity, dtype, seed=0):
+    """A pruned W in the values dtype; for int8, W as int8 values store it: q * scale in fp32 (`pack` finds q back)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inn, generator=g)
     w[torch.rand(out, inn, generator=g) < sparsity] = 0
-    return w.to(dtype)
+    return dequantized(w) if dtype == torch.int8 else w.to(dtype)
+
+
+def dequantized(w):
+    q, scales = quantize_values(w)
+    return q.float() * scales.unsqueeze(1)
+
+
+def pack(w) -> dict:
+    """The packed parts of W: 16-bit values as they are, fp32 (int8 weights of make_weight) as int8 + scales."""
+    return encode(w, "sparse-bitmask", "int8") if w.dtype == torch.float32 else compress_bitmask(w)
 
 
 def run(path, x, parts, in_features, bias=None):
     fn = kernels.bitmask_linear_reference if path == "reference" else kernels.bitmask_linear
-    return fn(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], in_features, bias)
+    return fn(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], in_features, bias, parts.get(SCALE_PART))
 
 
 def assert_matches(y, x, w, bias=None):
     """max |y - ref| <= 1e-5 max(|x| |W|^T + |b|) for the fp32 accumulation, plus half an ulp of y's dtype for its
     rounding. The scale is the size of the summed terms, not of the result: when x W^T and the bias nearly cancel (a
     1-row layer, 2 ulps of a bias near 1 on a result of 0.018 was seen), any fp32 order of summation errs by ulps of
-    the terms; a wrong or missing weight still errs by a whole term."""
+    the terms; a wrong or missing weight still errs by a whole term. int8 values (W in fp32 here, `make_weight`) with
+    16-bit x: the tiled path rounds its GEMM's unscaled result to x's dtype before the scale and bias, which adds half
+    an ulp of |x W^T| (<= the terms' size)."""
     ref = x.float() @ w.float().T
     magnitude = x.float().abs() @ w.float().abs().T
     if bias is not None:
@@ -84,6 +98,8 @@ def assert_matches(y, x, w, bias=None):
     bound = 1e-5 * scale * (1 + finfo.eps) + 1e-30
     if y.dtype != torch.float32:
         bound = bound + (ref.abs() + 1e-5 * scale) * finfo.eps / 2 + finfo.smallest_normal * finfo.eps
+        if w.dtype == torch.float32:
+            bound = bound + magnitude * finfo.eps / 2
     excess = (y.float() - ref).abs() - bound
     error = float((y.float() - ref).abs().max())
     assert float(excess.max()) <= 0, f"max error {error:.3g} over the bound, max |y| {scale:.3g}"
@@ -103,7 +119,7 @@ def test_shapes_sparsities_batches_and_dtypes(path, kernel_path, value_dtype):
     for k, (out, inn) in enumerate([(1, 7), (3, 13), (37, 100), (5, 129), (576, 1536)]):
         for sparsity in (0.0, 0.5, 0.99):
             w = make_weight(out, inn, sparsity, value_dtype, seed=k)
-            parts = compress_bitmask(w)
+            parts = pack(w)
             bias = torch.randn(out)
             for batch in (1, 3, 10, 11, 16, 17, 40):
                 for i, x_dtype in enumerate(X_DTYPES):
@@ -119,12 +135,15 @@ def test_row_patterns(path, value_dtype):
     w[3] = 0  # an all-zero row
     w[10:13] = 0
     w[-1] = 0  # the last row empty: the bounce for the end of `values` sees nothing to copy
-    w[20] = torch.arange(1, inn + 1).to(value_dtype)  # fully dense
+    w[20] = torch.arange(1, inn + 1).to(w.dtype)  # fully dense
     two_four = make_weight(16, 96, 0.0, value_dtype, seed=3).view(16, 24, 4)
     two_four[:, :, 1::2] = 0  # 2:4
-    empty, one_row = torch.zeros(9, 70, dtype=value_dtype), make_weight(1, 333, 0.3, value_dtype)
+    empty = torch.zeros(9, 70, dtype=torch.float32 if value_dtype == torch.int8 else value_dtype)
+    one_row = make_weight(1, 333, 0.3, value_dtype)
     for weight in (w, two_four.view(16, 96), empty, one_row):
-        parts = compress_bitmask(weight)
+        if value_dtype == torch.int8:  # rows edited after make_weight: W as int8 values will store it
+            weight = dequantized(weight)
+        parts = pack(weight)
         for batch in (1, 2, 16, 17, 40):
             x = torch.randn(batch, weight.shape[1])
             assert_matches(run(path, x, parts, weight.shape[1]), x, weight)
@@ -137,12 +156,13 @@ def test_every_path_under_inference_mode_on_two_threads(kernel_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
-        w = make_weight(1536, 576, 0.5, torch.bfloat16)
-        with torch.inference_mode():
-            parts = compress_bitmask(w)
-            for x_dtype in (torch.float32, torch.bfloat16):
-                x, bias = torch.randn(600, 576).to(x_dtype), torch.randn(1536).to(x_dtype)
-                assert_matches(run("compiled", x, parts, 576, bias), x, w, bias)
+        for value_dtype in (torch.bfloat16, torch.int8):  # int8: the columns scaled after each GEMM, on the workers
+            w = make_weight(1536, 576, 0.5, value_dtype)
+            with torch.inference_mode():
+                parts = pack(w)
+                for x_dtype in (torch.float32, torch.bfloat16):
+                    x, bias = torch.randn(600, 576).to(x_dtype), torch.randn(1536).to(x_dtype)
+                    assert_matches(run("compiled", x, parts, 576, bias), x, w, bias)
     finally:
         torch.set_num_threads(threads)
 
@@ -171,7 +191,7 @@ def test_property_every_path_matches(out, inn, sparsity, batch, value_dtype, x_d
     w = make_weight(out, inn, sparsity, value_dtype, seed)
     x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
     bias = torch.randn(out).to(x_dtype) if with_bias else None
-    parts = compress_bitmask(w)
+    parts = pack(w)
     previous = os.environ.get(kernels.ISA_VARIABLE)
     os.environ[kernels.ISA_VARIABLE] = "auto" if path == "reference" else path
     try:
@@ -190,7 +210,7 @@ def test_no_read_past_the_end_of_values():
         import ctypes, mmap, os
         import torch
         from absorbdeploy.sparse import kernels
-        from absorbdeploy.sparse.codec import compress_bitmask
+        from absorbdeploy.sparse.codec import compress_bitmask, encode
 
         def guarded(values):
             page, nbytes = mmap.PAGESIZE, values.numel() * values.element_size()
@@ -205,14 +225,22 @@ def test_no_read_past_the_end_of_values():
         for path in kernels.available_paths():
             os.environ["ABSORBDEPLOY_KERNEL_ISA"] = path
             for out_features, in_features, dtype in ((7, 200, torch.bfloat16), (3, 64, torch.float16),
-                                                     (40, 33, torch.bfloat16)):
-                w = torch.randn(out_features, in_features).to(dtype)
+                                                     (40, 33, torch.bfloat16), (9, 150, torch.int8), (40, 33, torch.int8)):
+                w = torch.randn(out_features, in_features)
                 w[: out_features // 2, ::3] = 0  # the first rows sparse, the last ones dense
-                parts = compress_bitmask(w)
+                if dtype == torch.int8:
+                    parts = encode(w, "sparse-bitmask", "int8")
+                    scales = parts["weight_scale"]
+                    w = kernels.bitmask_linear_reference(torch.eye(in_features), parts["compressed"], parts["bitmask"],
+                                                         parts["row_offsets"], in_features, None, scales).T
+                else:
+                    w, scales = w.to(dtype), None
+                    parts = compress_bitmask(w)
                 values, keep = guarded(parts["compressed"])
-                for batch in (1, 5, 17):
+                for batch in (1, 5, 17, 40):
                     x = torch.randn(batch, in_features)
-                    y = kernels.bitmask_linear(x, values, parts["bitmask"], parts["row_offsets"], in_features)
+                    y = kernels.bitmask_linear(x, values, parts["bitmask"], parts["row_offsets"], in_features, None,
+                                               scales)
                     ref = x @ w.float().T
                     assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (path, batch)
         print("ok")
@@ -383,3 +411,36 @@ def test_gradients_flow_to_the_input_and_the_bias_as_through_the_dense_weight(pa
     assert x.grad.dtype == x_dtype and bias.grad.dtype == x_dtype
     assert (x.grad.float() - x_dense.grad).abs().max() <= tolerance * x_dense.grad.abs().max()
     assert (bias.grad.float() - bias_dense.grad).abs().max() <= tolerance * bias_dense.grad.abs().max()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e30])
+def test_int8_values_with_extreme_scales(path, kernel_path, scale):
+    """W8A16: each row's sum times its fp32 scale, exact up to fp32 rounding whatever the scale's magnitude (rows of
+    scales 1e-30 to 1e30 side by side, an all-zero row, a row of +-127)."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (19, 203), generator=g, dtype=torch.int8)
+    q[torch.rand(19, 203, generator=g) < 0.6] = 0
+    q[4], q[5] = 0, 127 * torch.sign(torch.randn(203, generator=g)).to(torch.int8)
+    scales = torch.full((19,), scale) * torch.logspace(-2, 2, 19)
+    parts = {**compress_bitmask(q), SCALE_PART: scales}
+    w = q.double() * scales.double().unsqueeze(1)
+    for batch in (1, 3, 40):
+        x = torch.randn(batch, 203, generator=g)
+        y = run(path, x, parts, 203)
+        ref = x.double() @ w.T
+        magnitude = x.double().abs() @ w.abs().T
+        assert float(((y.double() - ref).abs() - 1e-5 * magnitude).max()) <= 0
+
+
+def test_int8_values_need_their_scales_and_only_they_take_scales():
+    kernels.ensure_loaded()
+    w = make_weight(6, 40, 0.5, torch.int8)
+    parts, x = pack(w), torch.randn(2, 40)
+    with pytest.raises(RuntimeError, match="int8 values need their scales"):
+        kernels.bitmask_linear(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], 40)
+    bf16 = compress_bitmask(w.bfloat16())
+    with pytest.raises(RuntimeError, match="int8 values need their scales"):
+        kernels.bitmask_linear(x, bf16["compressed"], bf16["bitmask"], bf16["row_offsets"], 40, None, parts[SCALE_PART])
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        kernels.bitmask_linear(x, parts["compressed"], parts["bitmask"], parts["row_offsets"], 40, None,
+                               parts[SCALE_PART][:3])
