@@ -164,15 +164,14 @@ def decoded_shards(out_dir, layout: str):
     """Every stored tensor of a packed export, bitmask modules decoded to dense, one shard at a time."""
     from safetensors.torch import load_file
 
-    from absorbdeploy.sparse.codec import PARTS, SCALE_PART, decode
+    from absorbdeploy.sparse.codec import ALL_PARTS, decode
 
     for file in sorted(Path(out_dir).glob("*.safetensors")):
         raw = load_file(str(file))
         modules = {k[: -len(".bitmask")] for k in raw if k.endswith(".bitmask")}
-        every = (*PARTS, SCALE_PART)
-        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in every}}
+        decoded = {k: v for k, v in raw.items() if k not in {f"{m}.{p}" for m in modules for p in ALL_PARTS}}
         for m in modules:
-            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in every if f"{m}.{p}" in raw}, layout)
+            decoded[f"{m}.weight"] = decode({p: raw[f"{m}.{p}"] for p in ALL_PARTS if f"{m}.{p}" in raw}, layout)
         yield decoded
 
 

@@ -28,6 +28,7 @@ SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-spar
 MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
 VALUES_DTYPES = ("bfloat16", "float16", "int8")  # dtypes of `compressed` the kernel reads (kernels/isa.h ValueType)
 QUANTIZED_VALUES = ("int8",)  # values stored with SCALE_PART
+ALL_PARTS = (*PARTS, SCALE_PART)  # every suffix a packed tensor may have
 # Version 2 names its weights bitmask-XXXXX-of-YYYYY.safetensors through WEIGHTS_INDEX, never model.safetensors, so a
 # loader that ignores our model type finds no weights instead of building random ones; version 1 (model.safetensors)
 # is still read.
@@ -93,6 +94,11 @@ class FormatConfig:
 def parts_for(values_dtype: str) -> tuple[str, ...]:
     """The parts of one packed module with values of `values_dtype` (PARTS, plus SCALE_PART for int8)."""
     return PARTS + ((SCALE_PART,) if values_dtype in QUANTIZED_VALUES else ())
+
+
+def part_dtype(part: str, values_dtype: str) -> str:
+    """The torch dtype name a part is stored in when the values are `values_dtype`."""
+    return SCALE_DTYPE if part == SCALE_PART else PART_DTYPES[part] or values_dtype
 
 
 def quantize_values(w):

@@ -17,14 +17,13 @@ a target. Each failure raises codec.PackedFormatError with one line naming the m
 import math
 
 from absorbdeploy.sparse.codec import (
-    PART_DTYPES, PARTS, SCALE_DTYPE, SCALE_PART, PackedFormatError, parts_for, row_popcounts,
+    ALL_PARTS, SCALE_PART, PackedFormatError, part_dtype, parts_for, row_popcounts,
 )
 
 # safetensors header dtype names -> torch dtype names (the parts' dtypes in codec.PART_DTYPES are torch names).
 HEADER_DTYPES = {"I64": "int64", "U8": "uint8", "BF16": "bfloat16", "F16": "float16", "F32": "float32",
                  "I32": "int32", "I8": "int8", "F64": "float64", "BOOL": "bool", "I16": "int16"}
 PART_RANKS = {"shape": 1, "compressed": 1, "bitmask": 2, "row_offsets": 1, SCALE_PART: 1}
-ALL_PARTS = (*PARTS, SCALE_PART)  # every suffix a packed tensor may have
 
 
 def expected_shapes(rows: int, columns: int, nnz: int) -> dict[str, tuple[int, ...]]:
@@ -43,7 +42,7 @@ def _check_parts(name: str, described: dict, values_dtype: str) -> None:
         raise PackedFormatError(f"{name}.{stray[0]}: not a part of {values_dtype} values")
     for part in expected:
         dtype, shape = described[part]
-        want = SCALE_DTYPE if part == SCALE_PART else PART_DTYPES[part] or values_dtype
+        want = part_dtype(part, values_dtype)
         if dtype != want:
             raise PackedFormatError(f"{name}.{part}: dtype {dtype}, the format stores {want}")
         if len(shape) != PART_RANKS[part]:

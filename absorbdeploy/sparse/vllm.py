@@ -26,15 +26,13 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from absorbdeploy.sparse import integrity
 from absorbdeploy.sparse.codec import (
-    PART_DTYPES, SCALE_DTYPE, SCALE_PART, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError, concat_rows,
-    parts_for, slice_columns, slice_rows,
+    SCALE_PART, SERVED_SPARSE_METHOD, FormatConfig, PackedFormatError, concat_rows, part_dtype, parts_for, slice_columns, slice_rows,
 )
 
 
 def placeholder_dtypes(values_dtype: str) -> dict:
     """Empty stand-ins' dtypes until the loader hands over each shard's tensors (their dtype is the checkpoint's)."""
-    return {part: getattr(torch, SCALE_DTYPE if part == SCALE_PART else PART_DTYPES[part] or values_dtype)
-            for part in parts_for(values_dtype)}
+    return {part: getattr(torch, part_dtype(part, values_dtype)) for part in parts_for(values_dtype)}
 
 
 def register() -> None:
