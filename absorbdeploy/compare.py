@@ -44,19 +44,23 @@ def reference(runner: Runner, windows, compare_windows: int) -> Reference:
     return Reference(scores.target_logprobs, scores.top1, logits, None if bad else perplexity(scores.target_logprobs), bad)
 
 
-def quantized_reference(model, prunable, values: str, store_dtype, runner, windows, compare_windows: int) -> Reference:
+def quantized_reference(model, prunable, values: str, store_dtype, runner, windows, compare_windows: int,
+                        activations: str | None = None) -> Reference:
     """The reference of an artefact whose packed values are quantized (`values`, e.g. "int8"): `model`'s prunable
     weights (state-dict names) replaced in place by what the artefact stores, decoded (codec.quantize_values, q *
-    scale), scored by `runner` (which runs `model`), then restored. The equivalence gates then test the export and its
-    kernel, and the quantization's own cost is the PPL ratio against the unquantized reference. Saved copies are kept
-    in `store_dtype` (torch dtype name), the export dtype the weights were rounded to, so restoring is exact."""
+    scale), scored by `runner` (which runs `model`), then restored. With `activations` codec.INT8_PER_TOKEN (W8A8)
+    the inputs of those Linears are also replaced by what the kernel multiplies, x_q * x_scale (kernels.ops
+    .quantize_tokens), through forward pre-hooks removed afterwards. The equivalence gates then test the export and
+    its kernel, and the quantization's own cost is the PPL ratio against the unquantized reference. Saved copies are
+    kept in `store_dtype` (torch dtype name), the export dtype the weights were rounded to, so restoring is exact.
+    Raises ValueError for a scheme it does not know."""
     import torch
 
-    from absorbdeploy.sparse.codec import quantize_values
+    from absorbdeploy.sparse.codec import INT8_PER_TOKEN, quantize_values
 
-    if values != "int8":
-        raise ValueError(f"no quantized reference for {values!r} values")
-    saved = {}
+    if values != "int8" or activations not in (None, INT8_PER_TOKEN):
+        raise ValueError(f"no quantized reference for {values!r} values with {activations!r} activations")
+    saved, hooks = {}, []
     try:
         with torch.no_grad():
             for name in prunable:
@@ -64,11 +68,25 @@ def quantized_reference(model, prunable, values: str, store_dtype, runner, windo
                 saved[name] = weight.detach().to("cpu", getattr(torch, store_dtype), copy=True)
                 q, scales = quantize_values(weight.detach())
                 weight.copy_((q.float() * scales.unsqueeze(1)).to(weight.device, weight.dtype))
+                if activations:
+                    module = model.get_submodule(name.rpartition(".")[0])
+                    hooks.append(module.register_forward_pre_hook(_fake_quantized_input))
         return reference(runner, windows, compare_windows)
     finally:
+        for hook in hooks:
+            hook.remove()
         with torch.no_grad():
             for name, original in saved.items():
                 model.get_parameter(name).copy_(original)
+
+
+def _fake_quantized_input(module, args):
+    """A Linear's input as the W8A8 kernel sees it: quantized per token, dequantized in fp32 (then x's dtype)."""
+    from absorbdeploy.sparse.kernels.ops import quantize_tokens
+
+    x = args[0]
+    x_q, scales = quantize_tokens(x.reshape(-1, x.shape[-1]))
+    return ((x_q.float() * scales).reshape(x.shape).to(x.dtype), *args[1:])
 
 
 def compare(runner: Runner, ref: Reference, windows) -> dict:
@@ -112,18 +130,27 @@ def gate_verdicts(gates, artefacts: dict) -> list[dict]:
             if count:
                 verdicts.append({"gate": "finite_scores", "artefact": name + what, "value": count, "limit": 0,
                                  "passed": False, "detail": f"{count} NaN/inf log-probs or logits in {result['runtime']}"})
+        w8a8 = bool(result.get("activations"))  # equivalence by PPL: its logits are chaotic (recipe.Gates)
         checks = [
             ("max_ppl_ratio", result.get("ppl_ratio"), gates.max_ppl_ratio, lambda v, lim: v <= lim),
-            ("max_abs_logit_diff", checked_diff(result), gates.max_abs_logit_diff, lambda v, lim: v <= lim),
-            ("min_top1_agreement", result.get("top1_agreement"), gates.min_top1_agreement, lambda v, lim: v >= lim),
+            ("max_abs_logit_diff", None if w8a8 else checked_diff(result), gates.max_abs_logit_diff,
+             lambda v, lim: v <= lim),
+            ("min_top1_agreement", None if w8a8 else result.get("top1_agreement"), gates.min_top1_agreement,
+             lambda v, lim: v >= lim),
             ("max_quantization_ppl_ratio", result.get("quantization_ppl_ratio"),
              getattr(gates, "max_quantization_ppl_ratio", None), lambda v, lim: v <= lim),
+            ("w8a8_ppl_tolerance", _drift(result.get("ppl"), result.get("reference_ppl")) if w8a8 else None,
+             getattr(gates, "w8a8_ppl_tolerance", None), lambda v, lim: v <= lim),
         ]
         for gate, value, limit, ok in checks:
             if limit is None or value is None:
                 continue
             verdicts.append({"gate": gate, "artefact": name, "value": value, "limit": limit, "passed": bool(ok(value, limit))})
     return verdicts
+
+
+def _drift(ppl, reference_ppl):
+    return None if ppl is None or not reference_ppl else abs(ppl / reference_ppl - 1)
 
 
 def ratio(a, b):

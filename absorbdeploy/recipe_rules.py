@@ -21,6 +21,7 @@ from absorbdeploy.prune import PRUNERS
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_DTYPES = ("auto",) + DTYPES
 VALUES = ("auto", "bf16", "fp16", "int8")  # export.values: the bitmask format's packed values
+ACTIVATIONS = ("float", "int8")  # export.activations: the bitmask format's Linear inputs (int8: W8A8)
 DEFAULT_SPARSITY, DEFAULT_SEQLEN, DEFAULT_PROBE_SAMPLES, DEFAULT_MIN, DEFAULT_MAX = 0.5, 512, 4, 0.05, 0.95
 
 
@@ -160,6 +161,10 @@ def check_settled(r) -> None:
         raise UserError(f"export.formats lists a format twice: {list(e.formats)}")
     _choice("export.dtype", e.dtype, EXPORT_DTYPES)
     _choice("export.values", e.values, VALUES)  # the bitmask format's; the others store export.dtype
+    _choice("export.activations", e.activations, ACTIVATIONS)
+    if e.activations == "int8" and e.values != "int8":
+        raise UserError(f"export.activations: int8 (W8A8) needs export.values: int8, got {e.values!r} (int8 "
+                        "activations multiply int8 weights; set both, e.g. --set export.values=int8)")
     _choice("export.onnx.dtype", e.onnx.dtype, ("float32", "float16"))
     _choice("export.onnx.sparse", e.onnx.sparse, ("auto", "always", "never"))
     if not 18 <= e.onnx.opset <= 23:
@@ -194,6 +199,8 @@ def check_settled(r) -> None:
     if g.max_quantization_ppl_ratio is not None and not g.max_quantization_ppl_ratio > 0:
         raise UserError(f"validate.gates.max_quantization_ppl_ratio must be > 0 or null, got "
                         f"{g.max_quantization_ppl_ratio}")
+    if g.w8a8_ppl_tolerance is not None and not g.w8a8_ppl_tolerance > 0:
+        raise UserError(f"validate.gates.w8a8_ppl_tolerance must be > 0 or null, got {g.w8a8_ppl_tolerance}")
     _choice("streaming.mode", r.streaming.mode, ("auto", "on", "off"))
     if r.streaming.memory_budget_gb is not None and not r.streaming.memory_budget_gb > 0:
         raise UserError(f"streaming.memory_budget_gb must be > 0 or null, got {r.streaming.memory_budget_gb}")

@@ -25,7 +25,8 @@ def artefact_rows(report: dict) -> list[list[str]]:
         kind = "logit" if a.get("max_abs_logit_diff") is not None else "logprob"
         ratio = f" ({a['bytes_ratio']:.2f}x dense)" if a.get("bytes_ratio") else ""
         if a.get("linear_bytes_per_weight"):
-            ratio += f"; Linears {a['linear_bytes_per_weight']:.3f} B/weight, {a.get('values')} values"
+            ratio += (f"; Linears {a['linear_bytes_per_weight']:.3f} B/weight, {a.get('values')} values"
+                      + (f", {a['activations']} activations" if a.get("activations") else ""))
         rows.append([fmt, a["runtime"], "yes", _f(a["ppl"]), _f(a.get("dense_ppl")), _f(a.get("ppl_ratio")),
                      _f(a["top1_agreement"], 4), f"{_f(diff)} ({kind})", _mib(a["bytes"]) + ratio,
                      _resident(a), _f(a.get("realised_sparsity"), 6)])

@@ -131,10 +131,14 @@ def largest_packed_paths(model, rows: dict, x_dtype) -> dict | None:
     packed = [m for m in model.modules() if hasattr(m, "compressed") and hasattr(m, "bitmask")]
     if not packed:
         return None
+    import torch
+
     from absorbdeploy.sparse.kernels import served_path
 
     layer = max(packed, key=lambda m: m.bitmask.shape[0] * m.bitmask.shape[1])
     out, columns = layer.bitmask.shape[0], getattr(layer, "bitmask_in_features", None) or layer.in_features
     name = f"{out}x{columns}"
+    if getattr(layer, "quantize_x", False) or getattr(getattr(layer, "quant_method", None), "quantize_x", False):
+        x_dtype, name = torch.int8, f"{name}, W8A8"  # the plan of W8A8 calls is keyed by x=int8
     return {label: f"{served_path(out, columns, layer.compressed.numel(), x_dtype, layer.compressed.dtype, n)} ({name})"
             for label, n in rows.items()}

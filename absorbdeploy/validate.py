@@ -135,15 +135,19 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
                 continue
             try:
                 values = getattr(exporters.get(fmt), "quantized_values", lambda spec: None)(specs[fmt])
-                if values and subjects.pruned_model is not None and values not in quantized_refs:
-                    quantized_refs[values] = compare.quantized_reference(
+                activations = getattr(exporters.get(fmt), "quantized_activations", lambda spec: None)(specs[fmt])
+                scheme = (values, activations)
+                if values and subjects.pruned_model is not None and scheme not in quantized_refs:
+                    quantized_refs[scheme] = compare.quantized_reference(
                         subjects.pruned_model, specs[fmt].prunable, values, specs[fmt].dtype, subjects.reference,
-                        windows, v.compare_windows)
+                        windows, v.compare_windows, activations)
                 results[name] = _score_artefact(exporters.get(fmt), runners.get(name), artefacts[fmt].path, subjects,
-                                                quantized_refs.get(values, ref), windows, dense_ppl,
+                                                quantized_refs.get(scheme, ref), windows, dense_ppl,
                                                 dense_for.get(name), runtimes, values and (values, specs[fmt].prunable))
                 if values:  # streaming compares tensors only: a quantized model's PPL is then not measured
                     ppl = results[name]["ppl"] if name in runners else None
+                    if activations:
+                        results[name]["reference_ppl"] = quantized_refs[scheme].ppl if scheme in quantized_refs else None
                     results[name].update(values=values, unquantized_ppl=ref.ppl, ppl=ppl,
                                          ppl_ratio=compare.ratio(ppl, results[name]["dense_ppl"]),
                                          quantization_ppl_ratio=compare.ratio(ppl, ref.ppl))
@@ -193,7 +197,9 @@ def validate_exports(subjects: Subjects, tokenizer, artefacts: dict, specs: dict
             progress.log(f"    {label}: PPL {compare.show(result['ppl'])} (dense "
                          f"{compare.show(result['dense_ppl'])}, {result['dense_runtime']}), top-1 "
                          f"{compare.show(result['top1_agreement'], '.4f')}, max diff "
-                         f"{compare.show(compare.checked_diff(result), '.2e')}")
+                         f"{compare.show(compare.checked_diff(result), '.2e')}"
+                         + (f" (W8A8: gated on PPL against its reference's {compare.show(result['reference_ppl'])})"
+                            if result.get("activations") and result.get("reference_ppl") else ""))
     ordered = {name: results[name] for name in scored}
     from absorbdeploy import zeroshot
 
@@ -272,7 +278,7 @@ def _score_artefact(module, runner, path, subjects: Subjects, ref, windows, dens
                   "resident_weight_bytes": runner.resident_weight_bytes()}
     described = module.describe(path)
     result["audit"] = described["audit"]
-    result.update({k: described[k] for k in ("values", "linear_bytes_per_weight") if k in described})
+    result.update({k: described[k] for k in ("values", "activations", "linear_bytes_per_weight") if k in described})
     result["dense_ppl"], result["dense_runtime"] = dense_ppl, "torch"
     if dense is not None:
         dense_lp = dense[0].score(windows).target_logprobs

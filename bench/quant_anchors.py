@@ -11,6 +11,8 @@ Variants (each one a directory that vLLM serves, each served by its own engine, 
   bitmask       our served-sparse export of the uniform-Wanda-pruned model (bench/decode.py's CLI run, `bitmask/`),
                 bf16 values, through the absorbdeploy plugin, one per --sparsities entry
   bitmask-int8  the same with int8 values (its own CLI run, `--set export.values=int8`, in <model>-<pct>-int8/)
+  bitmask-w8a8  int8 values and int8 activations per token (`--set export.values=int8 --set export.activations=int8`,
+                in <model>-<pct>-w8a8/): the sparse kernel's W8A8 path
 Both quantized checkpoints are round-to-nearest from the dense bf16 weights (no calibration data, no GPTQ): written with
 compressed-tensors' own API (preset scheme -> apply_quantization_config -> per-channel / per-group min-max from the
 weights -> calculate_qparams -> ModelCompressor.compress_model, save_pretrained, update_config); lm_head is left bf16.
@@ -48,7 +50,9 @@ from . import decode
 from .common import table, write
 
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16"}  # compressed-tensors preset scheme names
-SPARSE = {"bitmask": None, "bitmask-int8": "int8"}  # the export.values each sparse variant is exported with
+# the recipe settings each sparse variant is exported with, and its work directory's suffix
+SPARSE = {"bitmask": ((), ""), "bitmask-int8": (("export.values=int8",), "-int8"),
+          "bitmask-w8a8": (("export.values=int8", "export.activations=int8"), "-w8a8")}
 KERNEL_LINE = re.compile(r"(?:Selected|Using) (\w+Kernel\w*) for (\w+)")
 
 
@@ -136,12 +140,13 @@ def quantize(dense: Path, variant: str, folder: Path) -> Path:
     return target
 
 
-def sparse(dense: Path, sparsity: float, values: str | None, folder: Path, quick: bool) -> Path:
-    """`bitmask/` of bench/decode.py's CLI run (uniform Wanda); with `values`, a run exported with export.values."""
-    out = folder / f"{dense.name.removesuffix('-dense')}-{int(sparsity * 100)}{f'-{values}' if values else ''}"
+def sparse(dense: Path, sparsity: float, variant: str, folder: Path, quick: bool) -> Path:
+    """`bitmask/` of bench/decode.py's CLI run (uniform Wanda), exported with the variant's settings (SPARSE)."""
+    settings, suffix = SPARSE[variant]
+    out = folder / f"{dense.name.removesuffix('-dense')}-{int(sparsity * 100)}{suffix}"
     if (out / "bitmask" / "config.json").is_file():
         return out / "bitmask"
-    decode.run_cli(dense, sparsity, out, quick, (f"export.values={values}",) if values else ())
+    decode.run_cli(dense, sparsity, out, quick, settings)
     return out / "bitmask"
 
 
@@ -194,7 +199,7 @@ def engines(name: str, sparsities: list[float], opts, folder: Path) -> tuple[Pat
             paths[variant] = quantize(dense, variant, folder)
         else:
             for sparsity in sparsities:
-                paths[f"{variant} {sparsity:.0%}"] = sparse(dense, sparsity, SPARSE[variant], folder, opts.quick)
+                paths[f"{variant} {sparsity:.0%}"] = sparse(dense, sparsity, variant, folder, opts.quick)
     return dense, paths
 
 
@@ -247,7 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,tinyllama",
                         help="model names; name@0.7+0.5 gives one model its own sparsities")
-    parser.add_argument("--variants", default="bf16,w8a8,w4a16,bitmask,bitmask-int8")
+    parser.add_argument("--variants", default="bf16,w8a8,w4a16,bitmask,bitmask-int8,bitmask-w8a8")
     parser.add_argument("--sparsities", default="0.5,0.7", help="for the bitmask variants")
     parser.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32; --quick 1,8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 64; --quick 16")

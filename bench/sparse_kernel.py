@@ -4,7 +4,8 @@ For each weight shape (out x in), sparsity and batch: `F.linear` in fp32, bf16 a
 "best dense"), dense W8A8 (`torch._int_mm`, oneDNN's int8 GEMM, on int8 weights with x quantized per token in the
 call, the int32 result scaled back: what a user who quantizes instead of pruning runs), torch's CSR matmul in fp32 (up
 to batch CSR_MAX_BATCH), and `absorbdeploy::bitmask_linear` with bf16 values and with int8 values (W8A16, per-channel
-scales), each with fp32 or bf16 x (the better is compared with the best dense and with W8A8), each on the path its
+scales), each with fp32 or bf16 x (the better is compared with the best dense and with W8A8), and with int8 values
+and bf16 x quantized per token in the op (sparse W8A8: `quantize_x`), each on the path its
 measured plan picks (kernels/tune.py, planned before timing; the "path" column names it for bf16 x). Each is timed
 as the median of many calls, interleaved call by call so drift hits every variant alike; GB/s counts the bytes each
 reads once (kernel: values + bitmask + row_offsets + x). Each variant cycles through copies of its weights filling
@@ -155,6 +156,12 @@ def variants(w: torch.Tensor, x: torch.Tensor, cache_bytes: int) -> dict:
             call = Cycling(lambda v, m, o, s, xk=xk: kernels.bitmask_linear(xk, v, m, o, w.shape[1], None, s), packed,
                            nbytes(*packed[:3]) + (nbytes(packed[3]) if packed[3] is not None else 0), cache_bytes)
             out[name.replace("kernel", "kernel" + values)] = (call, call.bytes + nbytes(xk))
+    # W8A8 sparse: the int8 values against bf16 x quantized per token inside the op (quantize_x)
+    kernels.ensure_planned(*packed[:3], w.shape[1], torch.int8, packed[3])
+    xb = x.bfloat16()
+    call = Cycling(lambda v, m, o, s: kernels.bitmask_linear(xb, v, m, o, w.shape[1], None, s, True), packed,
+                   nbytes(*packed), cache_bytes)
+    out["kernel W8A8"] = (call, call.bytes + nbytes(xb))
     return out
 
 
@@ -199,6 +206,7 @@ def measure(w: torch.Tensor, batch: int, cache_bytes: int) -> dict:
     nnz = int((w != 0).sum())
     path = {str(dt)[6:]: kernels.served_path(*w.shape, nnz, dt, torch.bfloat16, batch) for dt in (torch.float32, torch.bfloat16)}
     path["int8"] = kernels.served_path(*w.shape, nnz, torch.bfloat16, torch.int8, batch)
+    path["W8A8"] = kernels.served_path(*w.shape, nnz, torch.int8, torch.int8, batch)
     return {**result, "other_cpu_share": load.share(), "kernel_path": path}
 
 
@@ -221,6 +229,9 @@ def row(shape, sparsity, batch, result, floor_gbps) -> dict:
             "int8 path (bf16 x)": result["kernel_path"]["int8"].split(" (")[0],
             "int8 x best dense": f"{dense[best] / int8['seconds']:.2f}",
             "int8 x W8A8": f"{w8a8_s / int8['seconds']:.2f}",
+            "sparse W8A8 ms": f"{result['kernel W8A8']['seconds'] * 1e3:.3f}",
+            "W8A8 path": result["kernel_path"]["W8A8"].split(" (")[0],
+            "sparse W8A8 x W8A8": f"{w8a8_s / result['kernel W8A8']['seconds']:.2f}",
             "other load": "?" if other is None else f"{other:.0%}"}
 
 

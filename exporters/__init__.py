@@ -61,6 +61,7 @@ class ExportSpec:
     streamed: object = None  # streaming mode: the ShardWriter that already holds every pruned block (vllm export)
     checkpoint: str | None = None  # streaming mode: the finished vllm/ directory other formats convert from
     values: str = "auto"  # export.values: the packed values of formats that choose them (bitmask)
+    activations: str = "float"  # export.activations: int8 = W8A8 (bitmask, int8 values)
 
 
 class Runtime(NamedTuple):
@@ -87,7 +88,8 @@ def spec_for(fmt: str, export, prunable, nm, sidecar=None, streamed=None, checkp
     options = getattr(export, fmt.replace("-", "_"), None)
     return ExportSpec(dtype=getattr(options, "dtype", None) or export.dtype, prunable=tuple(prunable), nm=nm,
                       max_shard_size=export.max_shard_size, options=options, sidecar=sidecar or {}, streamed=streamed,
-                      checkpoint=checkpoint, values=getattr(export, "values", "auto"))
+                      checkpoint=checkpoint, values=getattr(export, "values", "auto"),
+                      activations=getattr(export, "activations", "float"))
 
 
 def streamed(spec: ExportSpec, fmt: str, writer, checkpoint) -> ExportSpec:

@@ -1,6 +1,7 @@
 """Format `bitmask`: the served-sparse artefact. Pruned Linears hold only their non-zeros and a bitmask, and run on
 absorbdeploy's CPU kernel when loaded the standard way. The values are the export dtype's (bf16/fp16), or int8 with
-one fp32 scale per output channel (`export.values: int8`; codec.quantize_values, W8A16 in the kernel).
+one fp32 scale per output channel (`export.values: int8`; codec.quantize_values, W8A16 in the kernel), optionally with
+the Linears' inputs quantized per token at run time (`export.activations: int8`: W8A8, integer sums in the kernel).
 
 On disk: the sparse-bitmask layout of sparse/codec.py (`<m>.compressed`, `<m>.bitmask`, `<m>.row_offsets`, `<m>.shape` per
 pruned Linear; everything else dense) in `bitmask-XXXXX-of-YYYYY.safetensors` shards named by
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from absorbdeploy.export_files import base_config, decoded_shards, describe_export, list_files, write_packed, write_sidecar
 from absorbdeploy.exporters import Artifact, ExportSpec, Runtime, RuntimeOptions, open_in
-from absorbdeploy.sparse.codec import QUANTIZED_VALUES, WEIGHTS_STEM, FormatConfig, model_type_for
+from absorbdeploy.sparse.codec import INT8_PER_TOKEN, QUANTIZED_VALUES, WEIGHTS_STEM, FormatConfig, model_type_for
 
 FORMAT = "bitmask"
 RUNTIMES = {"torch + bitmask kernel": Runtime("torch", (), lambda out_dir, runtime: _open_torch(out_dir, runtime)),
@@ -37,7 +38,8 @@ def export(model, tokenizer, out_dir, spec: ExportSpec) -> Artifact:
     config["model_type"] = model_type_for(config["model_type"])
     targets = tuple(n[: -len(".weight")] for n in spec.prunable)
     values = values_dtype(spec)
-    config["quantization_config"] = FormatConfig(targets, LAYOUT, values).to_dict()
+    config["quantization_config"] = FormatConfig(targets, LAYOUT, values,
+                                                 input_activations=quantized_activations(spec)).to_dict()
     write_packed(model, tokenizer, out, spec, LAYOUT, config, stem=WEIGHTS_STEM, always_index=True, values=values)
     write_sidecar(out, spec, FORMAT)
     notes = ["load with `import absorbdeploy` + AutoModelForCausalLM.from_pretrained, or serve with vLLM + the plugin"]
@@ -59,6 +61,11 @@ def quantized_values(spec: ExportSpec) -> str | None:
     return values if values in QUANTIZED_VALUES else None
 
 
+def quantized_activations(spec: ExportSpec) -> str | None:
+    """codec.INT8_PER_TOKEN when the packed Linears quantize their inputs (export.activations: int8, W8A8), else None."""
+    return INT8_PER_TOKEN if spec.activations == "int8" else None
+
+
 def tensors(out_dir):
     yield from decoded_shards(out_dir, LAYOUT)
 
@@ -74,7 +81,9 @@ def describe(out_dir) -> dict:
     packed = sum(info["data_offsets"][1] - info["data_offsets"][0] for header in check_index(Path(out_dir)).values()
                  for key, info in header.items() if key != "__metadata__" and key.rpartition(".")[0] in targets)
     weights = described["audit"]["weights"]
-    return {**described, "values": config["quantization_config"]["values_dtype"],
+    quantization = config["quantization_config"]
+    return {**described, "values": quantization["values_dtype"],
+            **({"activations": quantization["input_activations"]} if "input_activations" in quantization else {}),
             "linear_bytes_per_weight": packed / weights if weights else None}
 
 

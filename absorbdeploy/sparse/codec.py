@@ -23,6 +23,9 @@ PART_DTYPES = {"shape": "int64", "compressed": None, "bitmask": "uint8", "row_of
 PARTS = tuple(PART_DTYPES)
 SCALE_PART, SCALE_DTYPE = "weight_scale", "float32"  # int8 values only: fp32 [out], one scale per output channel
 SCALE_LAYOUT = "per-channel"  # quantization_config.scale_layout of int8 values (symmetric, no zero point)
+# quantization_config.input_activations of W8A8: each Linear's x quantized to int8 per token at run time (symmetric,
+# scale max |x[t]| / 127), int8 values only; absent = x stays in the runtime's float dtype
+INT8_PER_TOKEN = "int8-per-token"
 LAYOUTS = ("sparse-bitmask", "sparse-24-bitmask")
 SERVED_SPARSE_METHOD = "absorbdeploy-bitmask"  # quant_method of our served-sparse format (same tensors as sparse-bitmask)
 MODEL_TYPE_PREFIX = "absorbdeploy_"  # its model_type: absorbdeploy_<base>, which plain transformers refuses
@@ -45,19 +48,26 @@ class PackedFormatError(ValueError):
 @dataclass(frozen=True)
 class FormatConfig:
     """The `quantization_config` of a `bitmask/` export: which Linears are packed (state-dict module names), in what
-    layout and values dtype, and for int8 values the layout of their scales (`scale_layout`, SCALE_LAYOUT). `from_dict`
-    raises PackedFormatError for a layout, dtype, scale layout or version it does not know."""
+    layout and values dtype, for int8 values the layout of their scales (`scale_layout`, SCALE_LAYOUT) and whether
+    their inputs are quantized too (`input_activations`: INT8_PER_TOKEN, W8A8). `from_dict` raises PackedFormatError
+    for a layout, dtype, scale layout, activation scheme or version it does not know."""
 
     targets: tuple[str, ...] = ()
     format: str = "sparse-bitmask"
     values_dtype: str = "bfloat16"
     version: int = FORMAT_VERSION
     scale_layout: str | None = None
+    input_activations: str | None = None
     quant_method: str = field(default=SERVED_SPARSE_METHOD, init=False)
 
     def __post_init__(self):
         if self.scale_layout is None and self.values_dtype in QUANTIZED_VALUES:
             object.__setattr__(self, "scale_layout", SCALE_LAYOUT)
+
+    @property
+    def quantize_x(self) -> bool:
+        """W8A8: the kernel quantizes each packed Linear's input per token (INT8_PER_TOKEN)."""
+        return self.input_activations == INT8_PER_TOKEN
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -72,12 +82,16 @@ class FormatConfig:
             raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: quantization_config.targets must be a list of module "
                                     f"names, got {str(targets)[:80]!r}")
         made = cls(tuple(targets), config.get("format", "sparse-bitmask"), config.get("values_dtype", "bfloat16"),
-                   config.get("version", FORMAT_VERSION), config.get("scale_layout"))
+                   config.get("version", FORMAT_VERSION), config.get("scale_layout"), config.get("input_activations"))
         quantized = made.values_dtype in QUANTIZED_VALUES
         if config.get("scale_layout") != (SCALE_LAYOUT if quantized else None):
             raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: values_dtype {made.values_dtype!r} with scale_layout "
                                     f"{made.scale_layout!r} (this absorbdeploy reads int8 values with "
                                     f"{SCALE_LAYOUT!r} scales, 16-bit values with none)")
+        if made.input_activations not in (None, INT8_PER_TOKEN) or (made.quantize_x and not quantized):
+            raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: input_activations {made.input_activations!r} with "
+                                    f"values_dtype {made.values_dtype!r} (this absorbdeploy reads "
+                                    f"{INT8_PER_TOKEN!r} with int8 values, or none)")
         if made.format != "sparse-bitmask" or made.values_dtype not in VALUES_DTYPES or made.version not in READ_VERSIONS:
             raise PackedFormatError(f"{SERVED_SPARSE_METHOD}: unsupported format {made.format!r}, values_dtype "
                                     f"{made.values_dtype!r} or version {made.version!r} (this absorbdeploy reads "
@@ -87,6 +101,8 @@ class FormatConfig:
 
     def to_dict(self) -> dict:
         scales = {"scale_layout": self.scale_layout} if self.scale_layout else {}
+        if self.input_activations:
+            scales["input_activations"] = self.input_activations
         return {"quant_method": self.quant_method, "format": self.format, "values_dtype": self.values_dtype, **scales,
                 "targets": list(self.targets), "version": self.version}
 

@@ -114,7 +114,8 @@ class BitmaskQuantizer(HfQuantizer):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child,
                     BitmaskLinear(old.in_features, old.out_features, nnz, old.bias is not None,
-                                  getattr(torch, config.values_dtype), old.weight.device))
+                                  getattr(torch, config.values_dtype), old.weight.device,
+                                  quantize_x=config.description.quantize_x))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -126,7 +127,8 @@ class BitmaskQuantizer(HfQuantizer):
                                    module.out_features, module.in_features)
         if any(b.device.type == "cuda" for b in model.buffers()):
             count = densify(model)
-            log.warning("absorbdeploy: the bitmask kernel runs on CPU only; densified %d Linears for CUDA", count)
+            log.warning("absorbdeploy: the bitmask kernel runs on CPU only; densified %d Linears for CUDA%s", count,
+                        " (their inputs are no longer quantized: W8A16)" if config.description.quantize_x else "")
         return model
 
     def is_serializable(self, safe_serialization=None):

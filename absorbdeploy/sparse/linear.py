@@ -19,9 +19,10 @@ class BitmaskLinear(torch.nn.Module):
     """y = x W^T (+ b) with W [out_features, in_features] held as bitmask + packed values (see module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool, values_dtype=torch.bfloat16,
-                 device=None):
+                 device=None, quantize_x: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.quantize_x = quantize_x  # W8A8: x quantized per token in the kernel (int8 values only)
         self.register_buffer("compressed", torch.empty(nnz, dtype=values_dtype, device=device))
         self.register_buffer("bitmask", torch.empty(out_features, math.ceil(in_features / 8), dtype=torch.uint8, device=device))
         self.register_buffer("row_offsets", torch.empty(out_features, dtype=torch.int64, device=device))
@@ -33,10 +34,11 @@ class BitmaskLinear(torch.nn.Module):
         self._planned: set = set()  # x dtypes whose kernel plan (kernels/tune.py) this module has ensured
 
     @classmethod
-    def from_parts(cls, parts: dict, bias=None) -> "BitmaskLinear":
+    def from_parts(cls, parts: dict, bias=None, quantize_x: bool = False) -> "BitmaskLinear":
         """From codec.compress_bitmask's dict (or the tensors read from disk)."""
         rows, columns = (int(v) for v in parts["shape"].reshape(-1))
-        module = cls(columns, rows, parts["compressed"].numel(), bias is not None, parts["compressed"].dtype)
+        module = cls(columns, rows, parts["compressed"].numel(), bias is not None, parts["compressed"].dtype,
+                     quantize_x=quantize_x)
         for name in module.parts:
             getattr(module, name).copy_(parts[name].reshape(getattr(module, name).shape))
         if bias is not None:
@@ -47,11 +49,11 @@ class BitmaskLinear(torch.nn.Module):
         from absorbdeploy.sparse.kernels import bitmask_linear, ensure_planned
 
         if x.dtype not in self._planned and not torch.compiler.is_compiling() and self.compressed.device.type == "cpu":
-            ensure_planned(self.compressed, self.bitmask, self.row_offsets, self.in_features, x.dtype,
-                           self.weight_scale)
+            ensure_planned(self.compressed, self.bitmask, self.row_offsets, self.in_features,
+                           torch.int8 if self.quantize_x else x.dtype, self.weight_scale)
             self._planned.add(x.dtype)
         return bitmask_linear(x, self.compressed, self.bitmask, self.row_offsets, self.in_features, self.bias,
-                              self.weight_scale)
+                              self.weight_scale, self.quantize_x)
 
     def dense_weight(self):
         """W [out, in] in the values' dtype, fp32 for int8 values (for densifying where the kernel does not run)."""
@@ -73,7 +75,8 @@ class BitmaskLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         density = self.compressed.numel() / max(self.in_features * self.out_features, 1)
         return (f"in_features={self.in_features}, out_features={self.out_features}, density={density:.3f}, "
-                f"values={self.compressed.dtype}, bias={self.bias is not None}")
+                f"values={self.compressed.dtype}, bias={self.bias is not None}"
+                + (", activations=int8 per token" if self.quantize_x else ""))
 
 
 def densify(model) -> int:

@@ -50,9 +50,9 @@ class BitmaskLinearMethod(LinearMethodBase):
     """Packed weights for one (possibly fused) Linear; `apply` is torch.ops.absorbdeploy.bitmask_linear. `modules`:
     the checkpoint's module names it stacks, in shard order (q, k, v / gate, up / itself)."""
 
-    def __init__(self, modules: list[str], values_dtype: str):
+    def __init__(self, modules: list[str], values_dtype: str, quantize_x: bool = False):
         super().__init__()
-        self.modules, self.values_dtype = modules, values_dtype
+        self.modules, self.values_dtype, self.quantize_x = modules, values_dtype, quantize_x
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs):
@@ -92,11 +92,15 @@ class BitmaskLinearMethod(LinearMethodBase):
         del layer.bitmask_pending
         # the kernel's batch crossover for this layer, measured once per machine (kernels/tune.py)
         ensure_planned(layer.compressed, layer.bitmask, layer.row_offsets, layer.bitmask_in_features,
-                       getattr(layer, "params_dtype", torch.get_default_dtype()), getattr(layer, SCALE_PART, None))
+                       torch.int8 if self.quantize_x else getattr(layer, "params_dtype", torch.get_default_dtype()),
+                       getattr(layer, SCALE_PART, None))
 
     def apply(self, layer, x, bias=None):
+        # W8A8 under tensor parallelism: a row-parallel rank quantizes its own slice of x per token, as vLLM's dense
+        # W8A8 layers do
         return torch.ops.absorbdeploy.bitmask_linear(x, layer.compressed, layer.bitmask, layer.row_offsets,
-                                                     layer.bitmask_in_features, bias, getattr(layer, SCALE_PART, None))
+                                                     layer.bitmask_in_features, bias, getattr(layer, SCALE_PART, None),
+                                                     self.quantize_x)
 
 
 def _shard_order(layer) -> list:
@@ -165,7 +169,8 @@ class BitmaskConfig(QuantizationConfig):
         if not isinstance(layer, LinearBase):
             return None
         modules = self._packed(prefix)
-        return BitmaskLinearMethod(modules, self.values_dtype) if modules else UnquantizedLinearMethod()
+        return (BitmaskLinearMethod(modules, self.values_dtype, self.description.quantize_x) if modules
+                else UnquantizedLinearMethod())
 
     def _packed(self, prefix: str) -> list[str]:
         """vLLM's (possibly fused) module name -> the checkpoint modules it stacks when the checkpoint packs them,

@@ -212,3 +212,26 @@ def test_int8_values_are_exact_against_their_decoded_weights_and_gated_on_their_
     assert all(("max_quantization_ppl_ratio", name) in gates for name in names)
     config = json.loads((out / "bitmask" / "config.json").read_text())["quantization_config"]
     assert config["values_dtype"] == "int8" and config["scale_layout"] == "per-channel"
+
+
+def test_w8a8_is_gated_on_its_reference_ppl_and_runs_the_integer_kernel_in_both_runtimes(tmp_path):
+    """export.activations=int8 (W8A8): config.json declares int8-per-token activations, transformers and vLLM both run
+    the kernel's W8A8 path, and since per-token rounding makes logits chaotic the artefact is gated on its PPL against
+    the reference whose Linears also quantize their inputs (w8a8_ppl_tolerance), not on logits or top-1."""
+    out = tmp_path / "run"
+    proc = run_cli("prune-and-export", "--recipe", "smoke-tiny", "--out", out, "--set", "export.values=int8",
+                   "--set", "export.activations=int8", "--set", "export.formats=[bitmask]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    names = ["bitmask"] + (["bitmask (vllm + bitmask plugin)"] if VLLM else [])
+    gates = {(g["gate"], g["artefact"]): g for g in report["gates"]}
+    for name in names:
+        artefact = report["artefacts"][name]
+        assert artefact["values"] == "int8" and artefact["activations"] == "int8-per-token"
+        assert artefact["reference_ppl"] not in (None, artefact["unquantized_ppl"])
+        assert gates[("w8a8_ppl_tolerance", name)]["value"] == abs(artefact["ppl"] / artefact["reference_ppl"] - 1)
+        assert gates[("w8a8_ppl_tolerance", name)]["passed"]
+        assert ("max_abs_logit_diff", name) not in gates and ("min_top1_agreement", name) not in gates
+        assert artefact["top1_agreement"] is not None  # reported, not gated
+    config = json.loads((out / "bitmask" / "config.json").read_text())["quantization_config"]
+    assert config["input_activations"] == "int8-per-token"

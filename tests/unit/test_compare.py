@@ -116,3 +116,51 @@ def test_the_quantized_reference_scores_the_stored_weights_then_restores_them_ex
     assert torch.equal(ref.logits, expected.logits) and ref.ppl == expected.ppl != plain.ppl
     with pytest.raises(ValueError, match="no quantized reference"):
         validate.quantized_reference(model, names, "int4", "bfloat16", runner, IDS, 2)
+
+
+def test_the_w8a8_reference_also_quantizes_the_pruned_linears_inputs_then_removes_its_hooks():
+    """With int8-per-token activations the reference multiplies each pruned Linear's input as the kernel does (x_q *
+    x_scale per token), only those Linears', and leaves no hook and no changed weight behind."""
+    import copy
+
+    from absorbdeploy.runners import TorchRunner
+    from absorbdeploy.sparse.codec import INT8_PER_TOKEN, quantize_values
+    from absorbdeploy.sparse.kernels.ops import quantize_tokens
+    from absorbdeploy.tiny import build_tiny_llama
+
+    model, _ = build_tiny_llama()
+    names = [n for n, _ in model.named_parameters() if n.endswith("proj.weight")][:5]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = TorchRunner(model)
+    ref = validate.quantized_reference(model, names, "int8", "float32", runner, IDS, 2, INT8_PER_TOKEN)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+    def fake_quantized(module, args):
+        x_q, scales = quantize_tokens(args[0].reshape(-1, args[0].shape[-1]))
+        return ((x_q.float() * scales).reshape(args[0].shape),)
+
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in names:
+            q, scales = quantize_values(expected.get_parameter(name))
+            expected.get_parameter(name).copy_(q.float() * scales.unsqueeze(1))
+            expected.get_submodule(name.rpartition(".")[0]).register_forward_pre_hook(fake_quantized)
+    w8a16 = validate.quantized_reference(model, names, "int8", "float32", runner, IDS, 2)
+    assert torch.equal(ref.logits, validate.reference(TorchRunner(expected), IDS, 2).logits)
+    assert not torch.equal(ref.logits, w8a16.logits)
+    with pytest.raises(ValueError, match="no quantized reference"):
+        validate.quantized_reference(model, names, "int8", "float32", runner, IDS, 2, "int8-per-tensor")
+
+
+def test_w8a8_artefacts_are_gated_on_their_reference_ppl_not_on_logits():
+    w8a8 = {"ppl": 10.05, "reference_ppl": 10.0, "top1_agreement": 0.9, "max_abs_logit_diff": 4.0,
+            "quantization_ppl_ratio": 1.01, "activations": "int8-per-token"}
+    exact = {**w8a8, "activations": None}
+    verdicts = {(v["gate"], v["artefact"]): v for v in validate.gate_verdicts(Gates(), {"w8a8": w8a8, "exact": exact})}
+    assert verdicts[("w8a8_ppl_tolerance", "w8a8")]["passed"]
+    assert abs(verdicts[("w8a8_ppl_tolerance", "w8a8")]["value"] - 0.005) < 1e-12
+    assert ("max_abs_logit_diff", "w8a8") not in verdicts and ("min_top1_agreement", "w8a8") not in verdicts
+    assert not verdicts[("max_abs_logit_diff", "exact")]["passed"] and ("w8a8_ppl_tolerance", "exact") not in verdicts
+    far = validate.gate_verdicts(Gates(), {"w8a8": {**w8a8, "ppl": 10.2}})
+    assert not next(v for v in far if v["gate"] == "w8a8_ppl_tolerance")["passed"]

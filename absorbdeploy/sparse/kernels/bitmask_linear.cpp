@@ -1,6 +1,7 @@
-// absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales) = x @ W^T (+ bias), W stored
-// in the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h): bf16/fp16 values, or int8
-// values with fp32 per-row scales (W[r] = scales[r] * q[r], codec.quantize_values).
+// absorbdeploy::bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales, quantize_x) = x @ W^T
+// (+ bias), W stored in the bitmask layout of absorbdeploy/sparse/codec.py::compress_bitmask (see isa.h): bf16/fp16
+// values, or int8 values with fp32 per-row scales (W[r] = scales[r] * q[r], codec.quantize_values). With int8 values,
+// quantize_x (W8A8) first quantizes x per token to int8 (quantize_rows) and sums x_q * q exactly in int32.
 //
 // Three paths, chosen per call by the measured plan of dispatch.h:
 // fused (small batches): W never materialised; rows split across torch's threads.
@@ -19,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <cstdlib>
 #include <string>
@@ -29,6 +31,7 @@
 #include "isa.h"
 #include "rows.h"
 #include "tiled.h"
+#include "w8a8.h"
 
 namespace absorbdeploy {
 namespace {
@@ -166,6 +169,15 @@ void decode(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t
   });
 }
 
+// Fused W8A8: the ISA path's integer kernel (w8a8.h), or, on CPUs without one, its W8A16 kernel on the dequantised
+// x_q * x_scales.
+void decode_q8(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const QuantizedRows& xq,
+               at::Tensor& y) {
+  if (!(kernel.gemv_q8 && kernel.cpu_has_q8())) return decode(kernel, w, rows, nnz, xq.q.to(at::kFloat).mul(xq.scales), y);
+  const int64_t grain = std::clamp<int64_t>(kDecodeWorkPerTask / std::max<int64_t>(w.in_features, 1), 1, 256);
+  fused_q8(kernel, w, rows, nnz, xq, y, grain);
+}
+
 // y_t [rows padded to kAmxRows, batch padded to kAmxBatch] fp32 = W x^T on the tile unit, 32-row blocks split
 // across threads; x bf16 [batch, in] contiguous.
 at::Tensor amx(const IsaPath& kernel, const BitmaskMatrix& w, int64_t rows, int64_t nnz, const at::Tensor& x) {
@@ -241,8 +253,13 @@ ValueType value_type_of(at::ScalarType values) {
 
 at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_in, const at::Tensor& bitmask_in,
                               const at::Tensor& row_offsets_in, int64_t in_features,
-                              const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& scales_in) {
+                              const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& scales_in,
+                              bool quantize_x) {
   check_inputs(x_in, values_in, bitmask_in, row_offsets_in, in_features, bias_in, scales_in);
+  TORCH_CHECK(!quantize_x || values_in.scalar_type() == at::kChar, "bitmask_linear: quantize_x (W8A8) needs int8 "
+              "values, got ", values_in.scalar_type());
+  TORCH_CHECK(!quantize_x || in_features <= kMaxQ8Features, "bitmask_linear: quantize_x sums in int32, exact up to ",
+              kMaxQ8Features, " input features, got ", in_features);
   // Gradients come from the op's autograd rule (ops.py). Detached inputs keep ATen's autograd out of the calls below,
   // including those on at::parallel_for's worker threads, which a grad-mode guard of this thread would not reach.
   const at::Tensor x = x_in.detach();
@@ -262,11 +279,22 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x_in, const at::Tensor& values_i
                         scales.has_value() ? scales->const_data_ptr<float>() : nullptr};
   const at::Tensor x2d = x.reshape({batch, in_features});
   at::Tensor y;
-  const Served served = serve(kernel, rows, in_features, nnz, x.scalar_type(), values.scalar_type(),
+  // A W8A8 call's plan is its own (x=Char in the key): the crossover of integer kernels is not the float one's.
+  const Served served = serve(kernel, rows, in_features, nnz, quantize_x ? at::kChar : x.scalar_type(),
+                              values.scalar_type(),
                               bias.has_value() ? c10::optional<at::ScalarType>(bias->scalar_type()) : c10::nullopt,
                               batch);
   if (batch == 0 || rows == 0 || in_features == 0) {
     y = at::zeros({batch, rows}, x.options().dtype(at::kFloat));
+  } else if (quantize_x) {
+    const QuantizedRows xq = quantize_rows(x2d);
+    y = at::empty({batch, rows}, x.options().dtype(at::kFloat));
+    if (served.path == Path::fused) {
+      decode_q8(kernel, w, rows, nnz, xq, y);
+    } else {
+      prefill_q8(kernel, w, rows, nnz, served.plan, xq.q, xq.scales, *scales, bias, y);
+      return y.to(x.scalar_type()).contiguous().view(out_shape);
+    }
   } else if (served.path == Path::amx) {
     const at::Tensor y_t = amx(kernel, w, rows, nnz, x2d.contiguous());
     y = y_t.narrow(0, 0, rows).narrow(1, 0, batch).t();
@@ -308,7 +336,7 @@ std::string served_path(int64_t rows, int64_t in_features, int64_t nnz, at::Scal
   if (s.path == Path::amx) name += " amx";
   if (s.path == Path::tiled)
     name += " tiled/" + std::to_string(s.plan.tile_rows) + (s.plan.threaded_gemm ? " threaded" : "") +
-            (s.bf16 ? " bf16 GEMM" : " fp32 GEMM");
+            (x == at::kChar ? " int8 GEMM" : s.bf16 ? " bf16 GEMM" : " fp32 GEMM");
   if (!dispatch_measured(served_key(rows, in_features, nnz, x, values))) name += " (default plan)";
   return name;
 }
@@ -318,7 +346,7 @@ std::string served_path(int64_t rows, int64_t in_features, int64_t nnz, at::Scal
 
 TORCH_LIBRARY(absorbdeploy, m) {
   m.def("bitmask_linear(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias, "
-        "Tensor? scales=None) -> Tensor");
+        "Tensor? scales=None, bool quantize_x=False) -> Tensor");
   m.def("kernel_paths() -> str[]", &absorbdeploy::kernel_paths);
   m.def("kernel_active_path() -> str", &absorbdeploy::kernel_active_path);
   m.def("dispatch_key(int rows, int in_features, int nnz, ScalarType x, ScalarType values) -> str",

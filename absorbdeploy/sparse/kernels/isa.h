@@ -56,15 +56,32 @@ struct DecodeOutput {
 };
 
 // Rows [row_begin, row_end) of W written densely, row r at (r - row_begin) * stride: as fp32 into `fp32`, or, when
-// that is null, as bf16/fp16 patterns into `bits16` (the values' own for bf16/fp16, bf16 for int8: exact), zeros where
-// the bitmask is clear. int8 values are written unscaled (q, not scales[r] * q): the tiled path scales y's columns.
+// that is null, as bf16/fp16 patterns into `bits16` (the values' own for bf16/fp16, bf16 for int8: exact), or, for
+// int8 values when both are null, as the bytes themselves into `int8` (the W8A8 tiles); zeros where the bitmask is
+// clear. int8 values are written unscaled (q, not scales[r] * q): the tiled path scales y's columns.
 struct DenseTile {
   float* fp32;
   uint16_t* bits16;
   int64_t stride;
+  int8_t* int8 = nullptr;
 };
 
+// W8A8 (int8 values, x quantized per token): x as unsigned bytes x_q + 128 ([batch, x_stride], x_stride a multiple of
+// kXBlock, zero-padded columns may hold anything: W is zero there) and each batch row's scale; the gemv_q8 kernels write
+// y[b * y_stride + r] = x_scales[b] * scales[r] * sum_j x_q[b, j] * q[r, j], the sum exact in int32 (sum_j (x_q + 128) q
+// minus 128 sum_j q). Exact while in_features * 255 * 127 < 2^31 (in_features <= kMaxQ8Features).
+struct QuantizedX {
+  const uint8_t* x;
+  int64_t x_stride;
+  const float* x_scales;
+  int64_t batch;
+  float* y;
+  int64_t y_stride;
+};
+constexpr int64_t kMaxQ8Features = 66000;
+
 using GemvFn = void (*)(const BitmaskMatrix&, const DecodeOutput&, int64_t row_begin, int64_t row_end);
+using GemvQ8Fn = void (*)(const BitmaskMatrix&, const QuantizedX&, int64_t row_begin, int64_t row_end);
 // Words [word_begin, word_end) (64 columns each) of rows [row_begin, row_end) written densely, word_begin at column 0
 // of the tile; consumed[i] counts the values of row row_begin + i that earlier words used (in: where the word range
 // starts in the row's values; out: advanced past it).
@@ -82,6 +99,10 @@ struct IsaPath {
   DecodeFn decode;       // a span of W's rows and words written densely (tiles of the tiled and amx paths)
   // x's lane order within 32-column blocks: position p holds column x_column(value_type, p); nullptr: natural order
   int64_t (*x_column)(ValueType, int64_t);
+  // W8A8 decode batches in integer arithmetic, where the CPU has it (cpu_has_q8); else null, and W8A8 calls run the
+  // W8A16 kernel on the dequantised x_q * x_scale (the same result up to fp32 summation).
+  GemvQ8Fn gemv_q8 = nullptr;
+  bool (*cpu_has_q8)() = nullptr;
 };
 
 extern const IsaPath kIsaScalar;
@@ -138,6 +159,13 @@ inline uint64_t mask_word(const BitmaskMatrix& w, int64_t r, int64_t word) {
   uint64_t bits = 0;
   for (int64_t i = 0; i < (valid + 7) / 8; ++i) bits |= uint64_t(bytes[i]) << (8 * i);
   return bits & ((uint64_t(1) << valid) - 1);
+}
+
+// One 64-column word of int8 values written as bytes at out (its first min(columns, 64) only), advancing v past the
+// word's values: the int8 tiles of the paths without a byte expand instruction.
+inline void store_int8_word(uint64_t bits, const int8_t*& v, int8_t* out, int64_t columns) {
+  std::memset(out, 0, size_t(columns < 64 ? columns : 64));
+  for (; bits; bits &= bits - 1) out[__builtin_ctzll(bits)] = *v++;
 }
 
 }  // namespace absorbdeploy

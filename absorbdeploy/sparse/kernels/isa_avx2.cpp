@@ -127,6 +127,9 @@ AVX2_TARGET inline __m128i bf16_of_integers(__m256 f) {
 template <ValueType VT>
 AVX2_TARGET inline void decode_word(uint64_t bits, const Stored<VT>*& v, const DenseTile& dense, int64_t at,
                                     int64_t columns) {
+  if constexpr (VT == ValueType::int8) {
+    if (dense.int8) return store_int8_word(bits, v, dense.int8 + at, columns);
+  }
   for (int byte = 0; byte < 8; ++byte) {
     const int64_t column = at + 8 * byte, left = columns - 8 * byte;
     if (left <= 0) break;

@@ -52,6 +52,9 @@ void gemv_block(const BitmaskMatrix& w, int64_t r0, const float* x_rows, int64_t
 // One 64-column word (see isa_driver.h's decode_rows): zeros, then each set bit's value in its column.
 template <ValueType VT>
 inline void decode_word(uint64_t bits, const Stored<VT>*& v, const DenseTile& dense, int64_t at, int64_t columns) {
+  if constexpr (VT == ValueType::int8) {
+    if (dense.int8) return store_int8_word(bits, v, dense.int8 + at, columns);
+  }
   for (int64_t j = 0; j < std::min<int64_t>(columns, 64); ++j) {
     if (dense.fp32)
       dense.fp32[at + j] = 0.0f;

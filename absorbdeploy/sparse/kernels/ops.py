@@ -16,25 +16,44 @@ import torch
 from absorbdeploy.sparse.codec import unpack_bits
 
 SCHEMA = ("(Tensor x, Tensor values, Tensor bitmask, Tensor row_offsets, int in_features, Tensor? bias, "
-          "Tensor? scales=None) -> Tensor")
+          "Tensor? scales=None, bool quantize_x=False) -> Tensor")
 ISA_VARIABLE = "ABSORBDEPLOY_KERNEL_ISA"
 _state: dict = {}
 _lock = threading.Lock()
 
 
-def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None):
+def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None,
+                             quantize_x: bool = False):
     """y = x @ W^T (+ bias) by decoding W densely with torch ops; needs no compiler.
 
     x [..., in_features] fp32/bf16/fp16; values [nnz] bf16/fp16, or int8 with `scales` fp32 [out] (W[r] = scales[r] *
     q[r], symmetric per output channel: codec.quantize_values); bitmask uint8 [out, ceil(in_features / 8)];
-    row_offsets int64 [out] (implied by the bitmask, so unused here); bias [out] or None.
-    Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs from nnz
-    or int8 values come without scales.
+    row_offsets int64 [out] (implied by the bitmask, so unused here); bias [out] or None. `quantize_x` (int8 values
+    only: W8A8) quantizes x per token first (`quantize_tokens`) and sums x_q * q exactly (fp64), y = x_scale * scale
+    * sum. Returns [..., out] in x's dtype, computed in fp32. Raises RuntimeError if the bitmask's popcount differs
+    from nnz, int8 values come without scales, or quantize_x comes without int8 values.
     """
-    y = x.float() @ _dense_fp32(values, bitmask, in_features, scales).T
+    if quantize_x:
+        if values.dtype != torch.int8:
+            raise RuntimeError("bitmask_linear: quantize_x (W8A8) needs int8 values")
+        x_q, x_scales = quantize_tokens(x.reshape(-1, in_features))
+        q = _dense_fp32(values, bitmask, in_features, torch.ones_like(scales)).double()
+        y = ((x_q.double() @ q.T).float() * x_scales * scales.float()).reshape(*x.shape[:-1], -1)
+    else:
+        y = x.float() @ _dense_fp32(values, bitmask, in_features, scales).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def quantize_tokens(x):
+    """Dynamic symmetric per-token int8 of x [tokens, in] (the W8A8 activations): scales fp32 [tokens, 1] = max |x[t]|
+    / 127 (1 for an all-zero token), x_q int8 = round(x / scale) in [-127, 127], round half to even. The kernel
+    (bitmask_linear.cpp quantize_rows) runs these same ATen ops, so both get the same x_q."""
+    xf = x.float()
+    scales = xf.abs().amax(1, keepdim=True) / 127.0
+    scales = scales.masked_fill(scales == 0, 1.0)
+    return (xf / scales).round().clamp(-127, 127).to(torch.int8), scales
 
 
 def _dense_fp32(values, bitmask, in_features: int, scales=None):
@@ -46,7 +65,7 @@ def _dense_fp32(values, bitmask, in_features: int, scales=None):
     return dense if scales is None else dense * scales.float().unsqueeze(1)
 
 
-def _fake(x, values, bitmask, row_offsets, in_features, bias=None, scales=None):
+def _fake(x, values, bitmask, row_offsets, in_features, bias=None, scales=None, quantize_x=False):
     return x.new_empty((*x.shape[:-1], bitmask.shape[0]))
 
 
@@ -65,7 +84,7 @@ def _backward(ctx, grad):
         grad_x = (grad.float() @ _dense_fp32(values, bitmask, ctx.in_features, scales)).to(ctx.x_dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = grad.float().reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, grad_bias, None
+    return grad_x, None, None, None, None, grad_bias, None, None
 
 
 def _check_no_forced_path() -> None:
@@ -75,9 +94,9 @@ def _check_no_forced_path() -> None:
                            "machine (see the earlier warning); unset it to use the pure-torch reference")
 
 
-def _reference_kernel(x, values, bitmask, row_offsets, in_features, bias=None, scales=None):
+def _reference_kernel(x, values, bitmask, row_offsets, in_features, bias=None, scales=None, quantize_x=False):
     _check_no_forced_path()
-    return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias, scales)
+    return bitmask_linear_reference(x, values, bitmask, row_offsets, in_features, bias, scales, quantize_x)
 
 
 def _define_in_python() -> None:
@@ -110,7 +129,7 @@ def ensure_loaded() -> str:
         return _state["backend"]
 
 
-def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None):
+def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None, scales=None, quantize_x=False):
     """y = x @ W^T (+ bias) through torch.ops.absorbdeploy.bitmask_linear (loaded on first call).
 
     Shapes and dtypes as in `bitmask_linear_reference`; row_offsets must be the exclusive cumulative sum of the
@@ -119,7 +138,8 @@ def bitmask_linear(x, values, bitmask, row_offsets, in_features: int, bias=None,
     """
     if not torch.compiler.is_compiling():
         ensure_loaded()
-    return torch.ops.absorbdeploy.bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales)
+    return torch.ops.absorbdeploy.bitmask_linear(x, values, bitmask, row_offsets, in_features, bias, scales,
+                                                 quantize_x)
 
 
 def available_paths() -> list[str]:

@@ -104,10 +104,13 @@ def measure(values, bitmask, row_offsets, in_features: int, x_dtype: torch.dtype
     # the plan that serves each path at every batch: (fused_max_batch, amx_max_batch)
     forcing = {"fused": (NEVER, NEVER), "amx": (0, NEVER), "tiled": (0, 0)}
 
+    quantize_x = x_dtype == torch.int8  # W8A8: bf16 x quantized per token inside the op
+
     def timed(batch: int, path: str, tiling: tuple) -> float:
-        x = torch.randn(batch, in_features, generator=g).to(x_dtype)
+        x = torch.randn(batch, in_features, generator=g).to(torch.bfloat16 if quantize_x else x_dtype)
         op.set_dispatch(key, *forcing[path], *tiling)
-        return _seconds(lambda: op.bitmask_linear(x, values, bitmask, row_offsets, in_features, None, scales))
+        return _seconds(lambda: op.bitmask_linear(x, values, bitmask, row_offsets, in_features, None, scales,
+                                                  quantize_x))
 
     # a tile taller than the matrix is the whole matrix: the smallest such height stands for all of them
     whole = min((t for t in TILE_ROWS if t >= rows), default=None)

@@ -168,3 +168,15 @@ def test_int8_config_declares_its_scales_and_a_mismatch_is_refused():
                 {**codec.FormatConfig(("m",)).to_dict(), "scale_layout": "per-channel"}):
         with pytest.raises(PackedFormatError, match="scale_layout"):
             codec.FormatConfig.from_dict(bad)
+
+
+def test_w8a8_config_declares_its_activations_and_a_mismatch_is_refused():
+    w8a8 = codec.FormatConfig(("m",), values_dtype="int8", input_activations=codec.INT8_PER_TOKEN)
+    assert w8a8.to_dict()["input_activations"] == "int8-per-token" and w8a8.quantize_x
+    assert codec.FormatConfig.from_dict(w8a8.to_dict()) == w8a8
+    w8a16 = codec.FormatConfig(("m",), values_dtype="int8")
+    assert "input_activations" not in w8a16.to_dict() and not codec.FormatConfig.from_dict(w8a16.to_dict()).quantize_x
+    for bad in ({**w8a8.to_dict(), "input_activations": "int8-per-tensor"},
+                {**codec.FormatConfig(("m",)).to_dict(), "input_activations": "int8-per-token"}):
+        with pytest.raises(PackedFormatError, match="input_activations"):
+            codec.FormatConfig.from_dict(bad)
