@@ -48,8 +48,10 @@ def bitmask_linear_reference(x, values, bitmask, row_offsets, in_features: int, 
 
 def quantize_tokens(x):
     """Dynamic symmetric per-token int8 of x [tokens, in] (the W8A8 activations): scales fp32 [tokens, 1] = max |x[t]|
-    / 127 (1 for an all-zero token), x_q int8 = round(x / scale) in [-127, 127], round half to even. The kernel
-    (bitmask_linear.cpp quantize_rows) runs these same ATen ops, so both get the same x_q."""
+    / 127 (1 for an all-zero token), x_q int8 = round(x / scale) in [-127, 127], round half to even. The C++ kernel
+    quantizes in one pass of its own (w8a8.h quantize_rows) with the same IEEE operations per element (fp32 max, one
+    division by 127, one division per element, nearbyint), so both give the same x_q (tests/unit/sparse/kernels/
+    test_w8a8.py: the fused path's y equals the reference's bit for bit)."""
     xf = x.float()
     scales = xf.abs().amax(1, keepdim=True) / 127.0
     scales = scales.masked_fill(scales == 0, 1.0)
