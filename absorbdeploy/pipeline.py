@@ -176,7 +176,8 @@ def prune_model(lm, calib, r: Recipe, progress: Progress, profile=None) -> Prune
             records = prune_from_profile(runner, profile.stats if profile else None, counts, p.spec, progress.blocks("prune"),
                                          commit)
         else:
-            records = prune_sequential(runner, calib, counts, p.spec, progress.blocks("sequential prune"), commit)
+            records = prune_sequential(runner, calib, counts, p.spec, progress.blocks("sequential prune"), commit,
+                                       p.reconstruct)
         load.round_weights(lm.model, r.export.dtype)
     return PruneOutcome(params, scores, base, final, absorption, records, profile, p.needs_dense_pass)
 

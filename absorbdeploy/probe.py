@@ -25,8 +25,8 @@ class _Pruned:
         for (name, m), k in zip(self.linears, counts):
             s = stats.get(name) if stats else None
             if id(s) not in prepared:
-                prepared[id(s)] = spec.pruner.prepare(s.sq_sum if s else None, s.hessian if s else None, spec.options)
-            self.weights.append(spec.pruner.prune(m.weight.data, prepared[id(s)], k, spec.nm, spec.options).to(m.weight.dtype))
+                prepared[id(s)] = spec.prepare(s)
+            self.weights.append(spec.apply(m.weight.data, prepared[id(s)], k).to(m.weight.dtype))
 
     def __enter__(self):
         self.saved = [m.weight.data for _, m in self.linears]

@@ -93,3 +93,4 @@ class MatrixRecord:
     zeros: int
     rel_error: float | None
     dampening: float | None = None  # SparseGPT: the dampening that gave a positive-definite Hessian
+    reconstruction: dict | None = None  # on a block's last record: reconstruct.reconstruct's losses, when it ran

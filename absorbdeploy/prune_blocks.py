@@ -1,4 +1,5 @@
-"""Stage 6, prune: drive every decoder block through a pruner from `prune.PRUNERS`, with exact counts.
+"""Stage 6, prune: drive every decoder block through a pruner (prune.PRUNERS) and an update (update.UPDATES), with
+exact counts.
 
 Two drivers. `prune_sequential` is the anchors' protocol (pruning §1): block l is calibrated on the outputs of the
 already pruned blocks 1..l-1 (one statistics forward of the dense block, prune, one forward of the pruned block to feed
@@ -7,11 +8,14 @@ block l+1). `prune_from_profile` prunes every block from the dense pass's statis
 Linears is round(S N) / N to the weight. `commit(k)` is called once block k is final (streaming writes it to disk then).
 """
 
+from dataclasses import replace
+
 from absorbdeploy.allocate import integer_counts
 from absorbdeploy.blocks import matrix_sizes, prunable_linears
 from absorbdeploy.calibrate import BlockRunner, collect_stats
 from absorbdeploy.prune import MatrixRecord, Statistic, relative_error
 from absorbdeploy.prune_plan import PruneSpec
+from absorbdeploy.reconstruct import reconstruct as local_fit
 
 
 def plan_counts(blocks, block_sparsities, target: float) -> list[dict[str, int]]:
@@ -28,29 +32,36 @@ def prune_block(index: int, block, stats: dict | None, counts: dict[str, int], s
     for name, linear in prunable_linears(block):
         s = stats.get(name) if stats else None
         if id(s) not in prepared:  # Linears that share an input share its statistics object
-            prepared[id(s)] = spec.pruner.prepare(s.sq_sum if s else None, s.hessian if s else None, spec.options)
+            prepared[id(s)] = spec.prepare(s)
         ready = prepared[id(s)]
         w_old = linear.weight.data
-        w_new = spec.pruner.prune(w_old, ready, counts[name], spec.nm, spec.options)
+        w_new = spec.apply(w_old, ready, counts[name])
         err = relative_error(w_old, w_new, s.sq_sum if s else None)
         linear.weight.data.copy_(w_new.to(w_old.dtype))
         zeros = int((linear.weight.data == 0).sum())
-        records.append(MatrixRecord(index, name, w_old.numel(), counts[name], zeros, err, ready.dampening))
+        records.append(MatrixRecord(index, name, w_old.numel(), counts[name], zeros, err, ready[0].dampening))
         del w_new
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return records
 
 
-def prune_sequential(runner: BlockRunner, windows, counts, spec: PruneSpec, progress=None, commit=None) -> list[MatrixRecord]:
-    """The anchors' protocol: block l is calibrated on the outputs of the pruned blocks before it."""
+def prune_sequential(runner: BlockRunner, windows, counts, spec: PruneSpec, progress=None, commit=None,
+                     reconstruct=None) -> list[MatrixRecord]:
+    """The anchors' protocol: block l is calibrated on the outputs of the pruned blocks before it. `reconstruct`
+    (prune.reconstruct options, or None) re-fits each pruned block to the dense block's outputs on the same inputs."""
     records = []
     hidden = runner.embed(windows)
     for index in range(len(runner.blocks)):
         with runner.block(index) as block:
-            _, stats = collect_stats(runner, block, hidden, spec.statistic == Statistic.HESSIAN)
+            dense_out, stats = collect_stats(runner, block, hidden, spec.statistic == Statistic.HESSIAN)
             records += prune_block(index, block, stats, counts[index], spec)
             del stats
+            if reconstruct is not None:
+                fit = local_fit(block, hidden, dense_out, runner.block_kwargs, reconstruct.steps, reconstruct.lr,
+                                reconstruct.batch_size, seed=index)
+                records[-1] = replace(records[-1], reconstruction=fit)
+            del dense_out
             if commit is not None:
                 commit(index)
             if index + 1 < len(runner.blocks):

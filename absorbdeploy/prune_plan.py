@@ -11,25 +11,43 @@ from dataclasses import dataclass
 
 from absorbdeploy.allocate import ALLOCATORS, Allocator
 from absorbdeploy.prune import PRUNERS, Pruner, Statistic
+from absorbdeploy.update import UPDATES, Update
+
+_ORDER = (Statistic.NOTHING, Statistic.NORMS, Statistic.HESSIAN)  # each includes the one before (InputStats)
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """What prunes one matrix: a pruner from prune.PRUNERS, its options section (or None), the N:M structure (or None)."""
+    """What prunes one matrix: a pruner from prune.PRUNERS and its options section (or None), the N:M structure (or
+    None), and the update from update.UPDATES that re-fits the kept weights afterwards, with its options section."""
 
     pruner: Pruner
     options: object = None
     nm: tuple[int, int] | None = None
+    update: Update = UPDATES["none"]
+    update_options: object = None
 
     @classmethod
     def of(cls, section) -> "PruneSpec":
-        """From a recipe's prune section: its method's table entry, that method's options section, the structure."""
-        pruner = PRUNERS[section.method]
-        return cls(pruner, getattr(section, pruner.options) if pruner.options else None, section.structure)
+        """From a recipe's prune section: its method's and its update's table entries and options, the structure."""
+        pruner, update = PRUNERS[section.method], UPDATES[section.update]
+        return cls(pruner, getattr(section, pruner.options) if pruner.options else None, section.structure,
+                   update, getattr(section, update.options) if update.options else None)
 
     @property
     def statistic(self) -> Statistic:
-        return self.pruner.needs
+        """What the calibration pass must collect: the larger of the pruner's and the update's needs."""
+        return max(self.pruner.needs, self.update.needs, key=_ORDER.index)
+
+    def prepare(self, stats) -> tuple:
+        """What pruning and updating every Linear on one input reads, from its calibrate.InputStats (or None)."""
+        sq_sum, hessian = (stats.sq_sum, stats.hessian) if stats else (None, None)
+        return self.pruner.prepare(sq_sum, hessian, self.options), self.update.prepare(hessian, self.update_options)
+
+    def apply(self, weight, prepared: tuple, k: int):
+        """weight [out, in] -> fp32 [out, in] with exactly k zeros (or the N:M pattern), the kept weights updated."""
+        pruned = self.pruner.prune(weight, prepared[0], k, self.nm, self.options)
+        return self.update.apply(weight, pruned, prepared[1], self.update_options)
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class PrunePlan:
     low: float  # allocation.min
     high: float  # allocation.max
     from_dense_pass: bool  # prune every block from the dense pass's statistics (else sequentially, the anchors' protocol)
+    reconstruct: object  # prune.reconstruct (reconstruct.py), or None when off (steps 0)
     absorption: bool  # the absorption probe and correction run
     correction: str  # how the correction composes with the base ("additive" | "multiplicative"; "auto" resolved)
     probe_states: tuple[int, int] | None  # (samples, seqlen) of the probe's dense hidden states, when it runs
@@ -53,8 +72,10 @@ class PrunePlan:
         spec = PruneSpec.of(r.prune)
         allocator = ALLOCATORS[a.method]
         absorption = bool(ab.enabled) or probe_all
-        from_dense_pass = spec.statistic == Statistic.NOTHING or r.calibration.statistics == "dense"
+        reconstruct = r.prune.reconstruct if r.prune.reconstruct.steps else None
+        from_dense_pass = (spec.statistic == Statistic.NOTHING and reconstruct is None) or r.calibration.statistics == "dense"
         return cls(spec, a.method, allocator, getattr(a, a.method, None), r.prune.sparsity, a.min, a.max, from_dense_pass,
+                   reconstruct,
                    absorption, allocator.correction if ab.mode == "auto" else ab.mode,
                    (ab.probe_samples, ab.probe_seqlen) if absorption else None)
 

@@ -39,11 +39,30 @@ class SparseGPTOptions:
 
 
 @dataclass(frozen=True)
-class Prune:
-    method: str = "wanda"
+class ADMMOptions:  # update.admm: rho (of the unit-diagonal H) grows by `growth` every `stage` iterations
+    iterations: int = 20
+    rho: float = 0.3
+    growth: float = 1.0  # measured on SmolLM2 Linears: a fixed rho 0.3 is within 0.1 % of the optimum in 20
+    stage: int = 5
+    dampening: float = 0.01
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:  # reconstruct.py: Adam on each pruned block's kept weights against the dense block's outputs
+    steps: int = 0  # 0 = off
+    lr: float = 1e-4
+    batch_size: int = 2  # calibration windows per step
+
+
+@dataclass(frozen=True)
+class Prune:  # defaults chosen on the selection split (README, "Choosing the defaults")
+    method: str = "sparsegpt"
+    update: str = "admm"  # re-fit the kept weights with the mask fixed: none | sparsegpt | admm (update.UPDATES)
     sparsity: float | None = None  # None = 0.5, or N/M when structure is N:M
     structure: NM | None = None  # YAML "unstructured" (None) or "N:M": N zeros in every M consecutive inputs of a row
     sparsegpt: SparseGPTOptions = field(default_factory=SparseGPTOptions)
+    admm: ADMMOptions = field(default_factory=ADMMOptions)
+    reconstruct: ReconstructOptions = field(default_factory=ReconstructOptions)
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,7 @@ class Allocation:
 
 @dataclass(frozen=True)
 class Absorption:  # defaults chosen on the selection split (README, "Choosing the defaults")
-    enabled: bool | None = None  # None = on, except for N:M structures (which fix every block's sparsity)
+    enabled: bool = False  # off by default since the ADMM update: README, "Choosing the defaults"
     definition: str = "margin"
     strength: float = 0.08
     mode: str = "auto"  # auto: additive on top of OWL/DLP/ATP/uniform, multiplicative on top of AlphaPruning

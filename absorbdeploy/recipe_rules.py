@@ -17,6 +17,7 @@ from absorbdeploy.absorb import CORRECTIONS, DEFINITIONS
 from absorbdeploy.allocate import ALLOCATORS
 from absorbdeploy.exporters import FORMATS
 from absorbdeploy.prune import PRUNERS
+from absorbdeploy.update import UPDATES
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_DTYPES = ("auto",) + DTYPES
@@ -55,7 +56,6 @@ def settle(r, facts: ModelFacts | None = None):
     nm = p.structure
     fixed = nm.n / nm.m if nm else DEFAULT_SPARSITY
     sparsity = follow(p.sparsity, DEFAULT_SPARSITY, fixed, "prune.sparsity", f"prune.structure {nm} fixes it")
-    enabled = follow(ab.enabled, True, nm is None, "absorption.enabled", f"prune.structure {nm} fixes every block's sparsity")
     low = follow(a.min, DEFAULT_MIN, min(DEFAULT_MIN, sparsity), "allocation.min", "prune.sparsity is lower")
     high = follow(a.max, DEFAULT_MAX, max(DEFAULT_MAX, sparsity), "allocation.max", "prune.sparsity is higher")
     samples = follow(ab.probe_samples, DEFAULT_PROBE_SAMPLES, min(DEFAULT_PROBE_SAMPLES, c.nsamples),
@@ -65,7 +65,7 @@ def settle(r, facts: ModelFacts | None = None):
     return dataclasses.replace(
         r, calibration=dataclasses.replace(c, seqlen=seqlen), prune=dataclasses.replace(p, sparsity=sparsity),
         allocation=dataclasses.replace(a, min=low, max=high),
-        absorption=dataclasses.replace(ab, enabled=enabled, probe_samples=samples, probe_seqlen=probe_seqlen),
+        absorption=dataclasses.replace(ab, probe_samples=samples, probe_seqlen=probe_seqlen),
         export=dataclasses.replace(e, dtype=dtype), validate=dataclasses.replace(v, seqlen=eval_seqlen),
     ), notes
 
@@ -127,6 +127,17 @@ def check_settled(r) -> None:
     _at_least("prune.sparsegpt.blocksize", p.sparsegpt.blocksize, 1)
     if not p.sparsegpt.dampening > 0:
         raise UserError(f"prune.sparsegpt.dampening must be > 0, got {p.sparsegpt.dampening}")
+    _choice("prune.update", p.update, tuple(UPDATES))
+    _at_least("prune.admm.iterations", p.admm.iterations, 1)
+    _at_least("prune.admm.stage", p.admm.stage, 1)
+    if not (p.admm.rho > 0 and p.admm.growth >= 1 and p.admm.dampening > 0):
+        raise UserError("prune.admm needs rho > 0, growth >= 1 and dampening > 0")
+    _at_least("prune.reconstruct.steps", p.reconstruct.steps, 0)
+    _at_least("prune.reconstruct.batch_size", p.reconstruct.batch_size, 1)
+    if not p.reconstruct.lr > 0:
+        raise UserError(f"prune.reconstruct.lr must be > 0, got {p.reconstruct.lr}")
+    if p.reconstruct.steps and c.statistics == "dense":
+        raise UserError("prune.reconstruct needs calibration.statistics: sequential (it fits each block on its pruned inputs)")
     _choice("allocation.method", a.method, tuple(ALLOCATORS))
     if not 0.0 <= a.min < a.max < 1.0:
         raise UserError(f"allocation.min and allocation.max need 0 <= min < max < 1, got min {a.min}, max {a.max}")

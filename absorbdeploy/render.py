@@ -88,7 +88,8 @@ def markdown(report: dict) -> str:
         f"**{report['status'].upper()}** (exit code {report['exit_code']})"
         + (f": failed gates: {', '.join(report['failed_gates'])}" if report["failed_gates"] else ""),
         "",
-        f"- recipe: `{report['recipe']['origin']}`; prune {report['pruning']['method']} {report['pruning']['structure']} "
+        f"- recipe: `{report['recipe']['origin']}`; prune {report['pruning']['method']} {report['pruning']['structure']}, "
+        f"update {report['pruning'].get('update', 'none')}{', reconstructed' if report['pruning'].get('reconstruction') else ''} "
         f"({report['pruning']['statistics']} statistics); allocation {alloc['method']}; absorption "
         f"{'on (' + report['recipe']['absorption']['definition'] + ')' if report['recipe']['absorption']['enabled'] else 'off'}",
         f"- global sparsity over decoder Linears: target {alloc['target']:.4f}, realised {alloc['realised']:.6f} "

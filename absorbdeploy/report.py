@@ -108,8 +108,10 @@ def build(plan, facts, corpus, calib, evals, allocation, outcome, checks, artefa
         "recipe": {"origin": plan.recipe_origin, "followed": list(plan.notes), **to_dict(r)},
         "allocation": allocation,
         "absorption": _absorption_summary(outcome.absorption),
-        "pruning": {"method": r.prune.method, "structure": structure_name(r.prune.structure), "statistics": r.calibration.statistics,
-                    "matrices": len(outcome.records), "dense_pass": outcome.dense_pass},
+        "pruning": {"method": r.prune.method, "update": r.prune.update, "structure": structure_name(r.prune.structure),
+                    "statistics": r.calibration.statistics, "matrices": len(outcome.records), "dense_pass": outcome.dense_pass,
+                    "reconstruction": [{"block": x.block, **x.reconstruction} for x in outcome.records if x.reconstruction]
+                    or None},
         **validation_sections(checks, artefacts, r.export.dtype),
         "stages": stages,
         "wall_seconds": round(sum(s["seconds"] for s in stages.values()), 3),

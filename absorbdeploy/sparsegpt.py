@@ -49,8 +49,9 @@ def _block_counts(k: int, columns: int, blocksize: int) -> list[int]:
     return counts
 
 
-def prune(weight, upper, k: int | None = None, nm: tuple[int, int] | None = None, blocksize: int = 128):
-    """Returns the pruned and updated weight (fp32, same shape): exactly `k` zeros, or N of every M along the input."""
+def prune(weight, upper, k: int | None = None, nm: tuple[int, int] | None = None, blocksize: int = 128, mask=None):
+    """Returns the pruned and updated weight (fp32, same shape): exactly `k` zeros, or N of every M along the input,
+    or, given `mask` (bool [out, in], True = prune), exactly those zeros with the same OBS update of the kept weights."""
     import torch
 
     from absorbdeploy.masks import smallest_k_mask
@@ -59,23 +60,25 @@ def prune(weight, upper, k: int | None = None, nm: tuple[int, int] | None = None
     rows, columns = w.shape
     if nm is not None and blocksize % nm[1]:
         blocksize -= blocksize % nm[1]
-    counts = _block_counts(k, columns, blocksize) if nm is None else None
+    counts = _block_counts(k, columns, blocksize) if nm is None and mask is None else None
     for b, i1 in enumerate(range(0, columns, blocksize)):
         i2 = min(i1 + blocksize, columns)
         block = w[:, i1:i2].clone()
         u = upper[i1:i2, i1:i2]
         u_diag = torch.diagonal(u)
         errors = torch.zeros_like(block)
-        if nm is None:
-            mask = smallest_k_mask(block.square() / u_diag.square(), counts[b])
+        if mask is not None:
+            pruned = mask[:, i1:i2]
+        elif nm is None:
+            pruned = smallest_k_mask(block.square() / u_diag.square(), counts[b])
         else:
-            mask = torch.zeros_like(block, dtype=torch.bool)
+            pruned = torch.zeros_like(block, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if mask is None and nm is not None and i % nm[1] == 0:
                 saliency = block[:, i : i + nm[1]].square() / u_diag[i : i + nm[1]].square()
-                mask[:, i : i + nm[1]].scatter_(1, saliency.topk(nm[0], dim=1, largest=False).indices, True)
+                pruned[:, i : i + nm[1]].scatter_(1, saliency.topk(nm[0], dim=1, largest=False).indices, True)
             column = block[:, i]
-            kept = torch.where(mask[:, i], torch.zeros_like(column), column)
+            kept = torch.where(pruned[:, i], torch.zeros_like(column), column)
             error = (column - kept) / u[i, i]
             block[:, i:] -= error.unsqueeze(1) * u[i, i:].unsqueeze(0)
             block[:, i] = kept

@@ -311,6 +311,14 @@ def main() -> None:
     from .absorption_tables import print_tables
 
     print_tables(study)
+    from .common import table
+    from .updates import PATH as UPDATES_PATH
+    from .updates import absorption_rows
+
+    rows = absorption_rows(json.loads(UPDATES_PATH.read_text())) if UPDATES_PATH.exists() else []
+    if rows:
+        print("\nAbsorption on top of the weight updates (bench/updates.py):")
+        print(table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ allocate + prune with uniform Wanda 50 % (sequential protocol, in streaming mode
 shards). Reported: peak RSS during the prune stages and over the whole process (sampled every 50 ms), wall time, and
 for SmolLM2 whether both modes give bit-identical pruned weights and the streaming / in-memory time ratio.
 
-    .venv/bin/python -m bench.memory [--sizes synthetic-0.8GB,...] [--models DIR]
+    .venv/bin/python -m bench.memory [--sizes SmolLM2-135M,synthetic-0.8GB,...] [--models DIR]
     .venv/bin/python -m bench.memory --recheck      # recompute bit identity from the outputs a run left in --models
+    .venv/bin/python -m bench.memory --sizes synthetic-7.9GB --modes on --set prune.update=admm --output memory_admm
 """
 
 import argparse
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from .common import RESULTS, table, write
 
+SMOLLM2 = "SmolLM2-135M"
 REPO = Path(__file__).resolve().parent.parent  # the worker runs as `python -m bench.memory` from here
 SYNTHETIC = {  # name -> LlamaConfig overrides (untied embeddings, vocab 32000)
     "synthetic-0.8GB": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16),
@@ -38,15 +40,16 @@ def make_models(folder: Path, names) -> dict[str, Path]:
 
     models = {}
     smol = folder / "smollm2-fp32"
-    if not smol.exists():
+    if SMOLLM2 in names and not smol.exists():
         lm = load.load(resolve_source(None), torch.device("cpu"))
         lm.model.save_pretrained(smol)
         lm.tokenizer.save_pretrained(smol)
         del lm
-    models["SmolLM2-135M"] = smol
+    if SMOLLM2 in names:
+        models[SMOLLM2] = smol
     from absorbdeploy.tiny import byte_tokenizer
 
-    for name in names:
+    for name in (n for n in names if n != SMOLLM2):
         path = folder / name
         if not path.exists():
             config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
@@ -61,7 +64,7 @@ def make_models(folder: Path, names) -> dict[str, Path]:
     return models
 
 
-def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> None:
+def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int, sets=()) -> None:
     """One measurement, in its own process: prints a JSON line."""
     import torch
 
@@ -73,7 +76,8 @@ def worker(model_dir: str, mode: str, out: str, nsamples: int, seqlen: int) -> N
     process_peak = _PeakRSS()
     r = Recipe()
     for a in (f"calibration.nsamples={nsamples}", f"calibration.seqlen={seqlen}", "allocation.method=uniform",
-              "prune.method=wanda", "prune.sparsity=0.5", "absorption.enabled=false", f"streaming.mode={mode}", "export.dtype=bfloat16"):
+              "prune.method=wanda", "prune.sparsity=0.5", "absorption.enabled=false", f"streaming.mode={mode}", "export.dtype=bfloat16",
+              *sets):
         r = override(r, a)
     r = settle(r)[0]
     source = resolve_source(model_dir)
@@ -123,16 +127,19 @@ def bit_identical(a: Path, b: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", nargs=5, metavar=("MODEL", "MODE", "OUT", "NSAMPLES", "SEQLEN"))
-    parser.add_argument("--sizes", default=",".join(SYNTHETIC))
+    parser.add_argument("--sizes", default=",".join([SMOLLM2, *SYNTHETIC]))
     parser.add_argument("--models", default="/tmp/absorbdeploy-memory-models", help="where the models are written")
     parser.add_argument("--recheck", action="store_true", help="only recompute bit identity from the kept outputs")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE on top of uniform Wanda 50 %% (repeatable)")
+    parser.add_argument("--modes", default="off,on", help="streaming modes to run")
+    parser.add_argument("--output", default="memory", help="bench/results/<output>.json")
     args = parser.parse_args()
     if args.recheck:
         recheck(Path(args.models))
         return
     if args.worker:
         m, mode, out, n, t = args.worker
-        worker(m, mode, out, int(n), int(t))
+        worker(m, mode, out, int(n), int(t), args.set)
         return
     models = make_models(Path(args.models), [s for s in args.sizes.split(",") if s])
     rows, raw = [], []
@@ -140,25 +147,27 @@ def main() -> None:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         nsamples, seqlen = (32, 512) if name.startswith("SmolLM2") else (4, 128)
         results = {}
-        for mode in ("off", "on"):
+        for mode in args.modes.split(","):
             out = Path(args.models) / f"out-{name}-{mode}"
             shutil.rmtree(out, ignore_errors=True)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            worker_args = ["--worker", str(path), mode, str(out), str(nsamples), str(seqlen)]
+            worker_args = ["--worker", str(path), mode, str(out), str(nsamples), str(seqlen), *(f"--set={a}" for a in args.set)]
             proc = subprocess.run([sys.executable, "-m", "bench.memory", *worker_args], capture_output=True, text=True,
                                   env=env, cwd=REPO)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        same = bit_identical(Path(args.models) / f"out-{name}-off" / "vllm", Path(args.models) / f"out-{name}-on" / "vllm")
+        same = bit_identical(Path(args.models) / f"out-{name}-off" / "vllm", Path(args.models) / f"out-{name}-on" / "vllm") \
+            if len(results) == 2 else "one mode run"
         raw.append({"model": name, "weights_bytes": size, "calibration": [nsamples, seqlen], **results, "bit_identical": same})
         rows.append(display_row(raw[-1]))
         print(table(rows[-1:], list(rows[-1])), flush=True)
-    finish(raw)
+    finish(raw, args.output, args.set)
 
 
 def display_row(run: dict) -> dict:
-    off, on = run["off"], run["on"]
+    none = {"prune_peak_rss_mb": float("nan"), "process_peak_rss_mb": float("nan"), "load_s": float("nan"), "prune_s": float("nan")}
+    off, on = run.get("off", none), run.get("on", none)
     return {"model": run["model"], "fp32 on disk": f"{run['weights_bytes'] / 2**30:.2f} GiB",
             "in-memory peak (prune)": f"{off['prune_peak_rss_mb'] / 1024:.2f} GiB",
             "streaming peak (prune)": f"{on['prune_peak_rss_mb'] / 1024:.2f} GiB",
@@ -168,13 +177,14 @@ def display_row(run: dict) -> dict:
             "bit-identical": run["bit_identical"]}
 
 
-def finish(raw: list[dict]) -> None:
+def finish(raw: list[dict], output: str = "memory", sets=()) -> None:
     rows = [display_row(r) for r in raw]
     print()
     print(table(rows, list(rows[0])))
-    plot(raw, RESULTS / "memory.png")
-    print(f"plot: {RESULTS / 'memory.png'}")
-    print(f"written to {write('memory', {'runs': raw})}")
+    if output == "memory":
+        plot(raw, RESULTS / "memory.png")
+        print(f"plot: {RESULTS / 'memory.png'}")
+    print(f"written to {write(output, {'sets': list(sets), 'runs': raw})}")
 
 
 def recheck(models: Path) -> None:

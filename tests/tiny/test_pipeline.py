@@ -91,3 +91,18 @@ def test_streaming_puts_the_checkpoint_format_first():
     assert pipeline._formats_for(plan, streaming=True) == (exporters.CHECKPOINT_FORMAT, "onnx", FORMAT)
     alone = dataclasses.replace(plan, formats=("onnx",))
     assert pipeline._formats_for(alone, streaming=True) == (exporters.CHECKPOINT_FORMAT, "onnx")
+
+
+def test_a_run_with_the_admm_update_reconstruction_and_absorption_keeps_the_budget_and_reports_them(tmp_path):
+    """The update and the reconstruction run inside the sequential prune and the probe prunes with the update too;
+    the report names both, and the committed weights still hold exactly the budget's zeros."""
+    out = tmp_path / "run"
+    r = _recipe("prune.update=admm", "prune.reconstruct.steps=3", "absorption.enabled=true", "allocation.method=atp")
+    plan = pipeline.preflight(r, out, False, False, "smoke-tiny")
+    payload = pipeline.run(plan, Progress(len(pipeline.STAGES), quiet=True))
+    report = json.loads((out / "report.json").read_text())
+    assert payload["status"] == "passed" and report["allocation"]["exact"]
+    assert report["pruning"]["update"] == "admm"
+    assert [x["block"] for x in report["pruning"]["reconstruction"]] == list(range(TINY_CONFIG["num_hidden_layers"]))
+    assert "update admm, reconstructed" in (out / "report.md").read_text()
+    assert report["allocation"]["zeros"] == round(0.5 * _prunable_weights())

@@ -113,3 +113,35 @@ def test_sequential_calibrates_each_block_on_the_pruned_blocks_before_it(tiny):
         masks[name] = [torch.cat([m.weight.reshape(-1) == 0 for _, m in _linears(b)]) for b in blocks]
     assert torch.equal(masks["sequential"][0], masks["dense"][0])
     assert all(not torch.equal(s, d) for s, d in zip(masks["sequential"][1:], masks["dense"][1:]))
+
+
+def test_an_update_keeps_the_masks_and_brings_each_block_closer_to_its_dense_outputs():
+    """Sequential Wanda 60 % with and without the ADMM update on the same tiny model: the same zeros (the update never
+    moves them, and block l's input differs only through the kept weights' values, so only block 0 is compared for
+    masks), the same exact counts, and every block's output on its own calibration input closer to the dense block's."""
+    from absorbdeploy.recipe import ADMMOptions
+    from absorbdeploy.tiny import build_tiny_llama
+    from absorbdeploy.update import UPDATES
+
+    errors, zeros, masks = {}, {}, {}
+    for name in ("none", "admm"):
+        model, _ = build_tiny_llama()
+        blocks = list(model.model.layers)
+        dense = [{n: m.weight.detach().clone() for n, m in _linears(b)} for b in blocks]
+        spec = PruneSpec(PRUNERS["wanda"], update=UPDATES[name], update_options=ADMMOptions() if name == "admm" else None)
+        runner = calibrate.BlockRunner(model, blocks, batch_size=2)
+        counts = prune_blocks.plan_counts(blocks, [0.6] * 4, 0.6)
+        hidden, errors[name] = runner.embed(IDS), []
+        for index, block in enumerate(blocks):
+            target, stats = calibrate.collect_stats(runner, block, hidden, spec.statistic == Statistic.HESSIAN)
+            records = prune_blocks.prune_block(index, block, stats, counts[index], spec)
+            out = runner.run(block, hidden)
+            errors[name].append(float((out - target).square().sum() / (target - hidden).square().sum()))
+            hidden = out
+        zeros[name] = [r.zeros for r in records]
+        masks[name] = [m.weight == 0 for _, m in _linears(blocks[0])]
+        assert all(r.zeros == r.target_zeros for r in records)
+        assert not all(torch.equal(m.weight, dense[0][n]) for n, m in _linears(blocks[0]))
+    assert all(torch.equal(a, b) for a, b in zip(masks["none"], masks["admm"]))
+    assert zeros["none"] == zeros["admm"]
+    assert all(a < n for a, n in zip(errors["admm"], errors["none"])), errors

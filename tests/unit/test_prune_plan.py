@@ -16,13 +16,14 @@ def recipe(*sets):
     return settle(r)[0]
 
 
-@pytest.mark.parametrize("method, statistics, absorption, allocation",
-                         list(itertools.product(("magnitude", "wanda", "sparsegpt"), ("sequential", "dense"),
+@pytest.mark.parametrize("method, update, statistics, absorption, allocation",
+                         list(itertools.product(("magnitude", "wanda", "sparsegpt"), ("none", "admm"), ("sequential", "dense"),
                                                 (True, False), ("uniform", "owl"))))
-def test_dense_pass_hessian_and_driver_follow_from_what_each_stage_reads(method, statistics, absorption, allocation):
-    p = PrunePlan.of(recipe(f"prune.method={method}", f"calibration.statistics={statistics}",
+def test_dense_pass_hessian_and_driver_follow_from_what_each_stage_reads(method, update, statistics, absorption, allocation):
+    p = PrunePlan.of(recipe(f"prune.method={method}", f"prune.update={update}", f"calibration.statistics={statistics}",
                             f"absorption.enabled={str(absorption).lower()}", f"allocation.method={allocation}"))
-    reads = {"magnitude": None, "wanda": "norms", "sparsegpt": "hessian"}[method]
+    # the update's Hessian outranks what the pruner reads
+    reads = "hessian" if update == "admm" else {"magnitude": None, "wanda": "norms", "sparsegpt": "hessian"}[method]
     assert p.spec.statistic == (reads or "nothing")
     # magnitude reads nothing, so it never needs a calibration pass of its own: it prunes from the dense pass (or none)
     assert p.from_dense_pass == (reads is None or statistics == "dense")
@@ -52,7 +53,7 @@ def test_the_plan_carries_the_typed_options_and_the_budget_range():
                             "allocation.owl.lam=0.12"))
     assert p.spec.options.blocksize == 128 and p.allocation_options.lam == 0.12
     assert (p.sparsity, p.allocation, p.low, p.high) == (0.7, "owl", 0.05, 0.95)
-    nm = PruneSpec.of(recipe("prune.structure=2:4").prune)
+    nm = PruneSpec.of(recipe("prune.method=wanda", "prune.structure=2:4").prune)
     assert (nm.nm.n, nm.nm.m) == (2, 4) and nm.options is None
 
 

@@ -12,6 +12,7 @@ from absorbdeploy.absorb import DEFINITIONS
 from absorbdeploy.allocate import ALLOCATORS
 from absorbdeploy.errors import UserError
 from absorbdeploy.prune import PRUNERS
+from absorbdeploy.update import UPDATES
 from absorbdeploy.recipe_rules import NM
 
 
@@ -25,13 +26,13 @@ def _set(*assignments):
 def test_following_defaults_settle_to_their_plain_values():
     r, notes = rc.settle(rc.Recipe())
     assert notes == []
-    assert (r.prune.sparsity, r.absorption.enabled, r.allocation.min, r.allocation.max) == (0.5, True, 0.05, 0.95)
+    assert (r.prune.sparsity, r.absorption.enabled, r.allocation.min, r.allocation.max) == (0.5, False, 0.05, 0.95)
     assert (r.calibration.seqlen, r.validate.seqlen, r.absorption.probe_samples, r.absorption.probe_seqlen) == (512, 512, 4, 512)
     assert r.export.dtype == "bfloat16" and rc.settle(r) == (r, [])
 
 
 @pytest.mark.parametrize("assignments, facts, expected, note", [
-    (["prune.structure=2:4"], {}, {"absorption.enabled": False, "prune.sparsity": 0.5}, "absorption.enabled = false"),
+    (["prune.structure=2:4"], {}, {"absorption.enabled": False, "prune.sparsity": 0.5}, None),
     (["prune.structure=1:4"], {}, {"prune.sparsity": 0.25, "absorption.enabled": False}, "prune.sparsity = 0.25"),
     (["prune.sparsity=0.97"], {}, {"allocation.max": 0.97, "allocation.min": 0.05}, "allocation.max = 0.97"),
     (["prune.sparsity=0.02"], {}, {"allocation.min": 0.02}, "allocation.min = 0.02"),
@@ -68,7 +69,7 @@ def test_an_explicit_value_never_follows_it_is_refused_when_contradictory():
 
 def test_settling_a_settled_recipe_changes_nothing_and_says_nothing():
     first, notes = recipe_rules.settle(_set("prune.structure=2:4", "calibration.nsamples=2"), rc.ModelFacts(context=256))
-    assert [n.split(" = ")[0] for n in notes] == ["calibration.seqlen", "validate.seqlen", "absorption.enabled",
+    assert [n.split(" = ")[0] for n in notes] == ["calibration.seqlen", "validate.seqlen",
                                                   "absorption.probe_samples"]  # prune.sparsity follows to its plain 0.5
     assert first.calibration.seqlen == 256 and first.absorption.probe_samples == 2 and first.absorption.enabled is False
     assert recipe_rules.settle(first, rc.ModelFacts(context=256)) == (first, [])
@@ -98,6 +99,9 @@ def test_parse_nm_refuses_what_is_not_n_of_m(text, fragment):
     (["prune.method=obs"], "prune.method must be one of magnitude, wanda, sparsegpt; got 'obs'"),
     (["prune.sparsegpt.dampening=0"], "prune.sparsegpt.dampening must be > 0"),
     (["prune.sparsegpt.blocksize=0"], "prune.sparsegpt.blocksize must be >= 1"),
+    (["prune.update=lsq"], "prune.update must be one of none, sparsegpt, admm; got 'lsq'"),
+    (["prune.admm.iterations=0"], "prune.admm.iterations must be >= 1"),
+    (["prune.admm.growth=0.5"], "prune.admm needs rho > 0, growth >= 1 and dampening > 0"),
     (["allocation.method=best"], "allocation.method must be one of"),
     (["allocation.alpha.eps=1"], "allocation.alpha.eps must be in [0, 1)"),
     (["allocation.atp.beta=-0.1"], "allocation.atp.beta must be >= 0 or null"),
@@ -105,8 +109,8 @@ def test_parse_nm_refuses_what_is_not_n_of_m(text, fragment):
     (["absorption.definition=mine"], "absorption.definition must be one of gain, composed, margin, paper"),
     (["absorption.mode=both"], "absorption.mode must be one of auto, additive, multiplicative"),
     (["absorption.eps_small=0"], "absorption.eps and absorption.eps_small must be > 0"),
-    (["absorption.probe_samples=40"], "absorption.probe_samples must be in [1, calibration.nsamples = 32], got 40"),
-    (["calibration.seqlen=64", "absorption.probe_seqlen=65"], "absorption.probe_seqlen must be in (1, calibration.seqlen = 64], got 65"),
+    (["absorption.enabled=true", "absorption.probe_samples=40"], "absorption.probe_samples must be in [1, calibration.nsamples = 32], got 40"),
+    (["absorption.enabled=true", "calibration.seqlen=64", "absorption.probe_seqlen=65"], "absorption.probe_seqlen must be in (1, calibration.seqlen = 64], got 65"),
     (["export.formats=[vllm, vllm]"], "export.formats lists a format twice"),
     (["export.dtype=int8"], "export.dtype must be one of auto, float32, bfloat16, float16"),
     (["export.max_shard_size=5TB"], "export.max_shard_size must look like '5GB'"),
@@ -131,7 +135,7 @@ def test_check_refuses_each_bad_value_in_one_line_naming_the_key(assignments, fr
     assert fragment in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
 
 
-@pytest.mark.parametrize("key, names", [("prune.method", PRUNERS), ("allocation.method", ALLOCATORS),
+@pytest.mark.parametrize("key, names", [("prune.method", PRUNERS), ("prune.update", UPDATES), ("allocation.method", ALLOCATORS),
                                         ("absorption.definition", DEFINITIONS)])
 def test_every_table_entry_is_an_accepted_choice(key, names):
     for name in names:
@@ -148,7 +152,7 @@ def test_the_probe_is_checked_only_when_it_runs():
 
 def test_check_settled_checks_what_settle_filled_in():
     """preflight settles against the model first: a context shorter than an explicit probe length is then refused."""
-    r = _set("absorption.probe_seqlen=512")
+    r = _set("absorption.enabled=true", "absorption.probe_seqlen=512")
     recipe_rules.check(r)
     settled, _ = recipe_rules.settle(r, rc.ModelFacts(context=256))
     assert settled.calibration.seqlen == 256
