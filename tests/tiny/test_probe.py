@@ -20,7 +20,7 @@ def setup(tiny_trained_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_trained_dir, dtype=torch.float32).eval()
     blocks = decoder_blocks(model)
     r = Recipe()
-    for assignment in ("calibration.nsamples=8", "calibration.seqlen=64", "absorption.enabled=true",
+    for assignment in ("prune.method=wanda", "prune.update=none", "calibration.nsamples=8", "calibration.seqlen=64", "absorption.enabled=true",
                        "absorption.probe_samples=4", "absorption.probe_seqlen=64", "allocation.method=uniform"):
         r = override(r, assignment)
     r = settle(r)[0]
