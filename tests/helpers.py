@@ -26,8 +26,9 @@ def train_tiny(steps: int = 300, seed: int = 0):
 
 
 def prune_in_memory(model, sparsity: float = 0.5, method: str = "wanda", structure: str = "unstructured",
-                    allocation=None, nsamples: int = 8, seqlen: int = 64):
-    """Uniform (or given) allocation, sequential calibration on pydoc text; returns the MatrixRecords."""
+                    allocation=None, nsamples: int = 8, seqlen: int = 64, update: str = "none"):
+    """Uniform (or given) allocation, sequential calibration on pydoc text, the pruner alone unless `update` says
+    otherwise; returns the MatrixRecords."""
     from absorbdeploy import calibrate, data
     from absorbdeploy.blocks import decoder_blocks
     from absorbdeploy.prune_blocks import plan_counts, prune_sequential
@@ -40,7 +41,7 @@ def prune_in_memory(model, sparsity: float = 0.5, method: str = "wanda", structu
     windows = data.calibration_windows(corpus, nsamples, seqlen)
     counts = plan_counts(blocks, allocation or [sparsity] * len(blocks), sparsity)
     runner = calibrate.BlockRunner(model, blocks, batch_size=8)
-    spec = PruneSpec.of(Prune(method=method, sparsity=sparsity, structure=parse_nm(structure)))
+    spec = PruneSpec.of(Prune(method=method, update=update, sparsity=sparsity, structure=parse_nm(structure)))
     return prune_sequential(runner, windows, counts, spec)
 
 
