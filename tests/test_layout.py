@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parent.parent
 # sparse/ folder are named `sparse.<module>` (sparse.kernels for its kernels package).
 LAYERS = [
     {"errors", "version", "sparse.codec", "sparse.integrity"},  # the codec imports nothing of ours
-    {"masks", "sparsegpt", "esd", "prune", "allocate", "absorb", "prune_plan"},  # pure math over tensors, the prune plan
+    {"masks", "sparsegpt", "esd", "prune", "update", "allocate", "absorb", "prune_plan"},  # pure math over tensors, the prune plan
     {"source", "checkpoint", "blocks", "data", "runners", "vllm_runner", "latency", "tiny", "atomic", "progress",
      "compare", "sparse.kernels", "sparse.linear"},
-    {"calibrate", "prune_blocks", "probe", "load", "stream", "export_files", "exporters", "validate", "zeroshot",
+    {"calibrate", "reconstruct", "prune_blocks", "probe", "load", "stream", "export_files", "exporters", "validate", "zeroshot",
      "plots", "render", "sparse.hf", "sparse.vllm", "sparse.directory", "sparse"},
-    {"recipe_rules", "recipe"},  # the configuration validates against the tables below it
+    {"recipe_rules", "recipe_sections", "recipe"},  # the configuration validates against the tables below it
     {"report", "pipeline", "serve"},
     {"cli", "__main__", "__init__"},  # the package's __init__ registers the bitmask format with transformers
 ]
@@ -189,6 +189,7 @@ NOT_MIRRORED = {
                                                "tests/unit/sparse/kernels/test_build.py tests load)",
 }
 TESTED_IN = {
+    "absorbdeploy/recipe_sections.py": "tests/unit/test_recipe.py",  # part of the recipe tree: loaded, typed, overridden there
     "exporters/__init__.py": "tests/unit/test_exporters.py",  # the registry, named after its package
     # every format in one file parametrized over exporters.FORMATS: export, reload in its runtime, describe
     "exporters/bitmask.py": "tests/tiny/test_exporters.py",
