@@ -60,7 +60,7 @@ def reconstruct(block, inputs, targets, block_kwargs, steps: int, lr: float, bat
                     w.grad.mul_(keep)
                 optimiser.step()
                 if step in (0, steps - 1):
-                    losses.append(float(loss) / max(float((t - x).square().mean()), 1e-30))
+                    losses.append(float(loss.detach()) / max(float((t - x).square().mean()), 1e-30))
     finally:
         for p in block.parameters():
             p.requires_grad_(saved[id(p)])
