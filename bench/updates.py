@@ -21,9 +21,9 @@ from .common import RESULTS, Harness, recipe, spread, table, write
 PATH = RESULTS / "updates.json"
 
 
-def name_of(pruner, update, allocation, sparsity, strength, steps=0) -> str:
+def name_of(pruner, update, allocation, sparsity, strength, steps=0, lr=1e-4) -> str:
     return (f"{pruner} {update} {allocation} {round(sparsity * 100)}%" + (f" margin {strength:g}" if strength else "")
-            + (f" recon {steps}" if steps else ""))
+            + (f" recon {steps}" if steps else "") + (f" lr {lr:g}" if steps and lr != 1e-4 else ""))
 
 
 def settings(args) -> list[tuple[str, dict]]:
@@ -37,7 +37,7 @@ def settings(args) -> list[tuple[str, dict]]:
             sets.update(absorption__enabled="true", absorption__definition="margin", absorption__strength=b)
         if n:
             sets.update(prune__reconstruct__steps=n, prune__reconstruct__lr=args.lr)
-        out.append((name_of(p, u, a, s, b, n), sets))
+        out.append((name_of(p, u, a, s, b, n, args.lr), sets))
     return out
 
 
