@@ -21,7 +21,7 @@ from .common import RESULTS, Harness, recipe, spread, table, write
 PATH = RESULTS / "updates.json"
 
 
-def name_of(pruner, update, allocation, sparsity, strength, steps=0, lr=3e-4) -> str:
+def name_of(pruner, update, allocation, sparsity, strength, steps=0, lr=1e-3) -> str:
     return (f"{pruner} {update} {allocation} {round(sparsity * 100)}%" + (f" margin {strength:g}" if strength else "")
             + (f" recon {steps} lr {lr:g}" if steps else ""))
 
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--allocations", default="uniform")
     parser.add_argument("--absorption", default="0", help="margin strengths; 0 = absorption off")
     parser.add_argument("--reconstruct", default="0", help="reconstruction steps per block; 0 = off")
-    parser.add_argument("--lr", type=float, default=3e-4, help="of the reconstruction (the recipe's default)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="of the reconstruction (the recipe's default)")
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--only", default=None, help="one setting name as the table prints it")
     parser.add_argument("--report", action="store_true")
